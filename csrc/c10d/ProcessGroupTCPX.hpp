@@ -1,0 +1,103 @@
+// ProcessGroupTCPX: the c10d::Backend that PyTorch sees as "tcpx".
+//
+// Each call validates its tensors (bad input raises ValueError before
+// anything is sent, so the group stays usable), maps torch's types onto the
+// core's, builds a task (csrc/collectives) and enqueues it on the group's
+// Communicator. Operations run asynchronously, in issue order, on the
+// communicator's worker thread; the returned WorkTCPX completes its Future
+// with the output tensors, or stores the error, which wait() rethrows.
+//
+// The contract followed is c10d's Backend/Work (torch/csrc/distributed/c10d/
+// Backend.hpp, Work.hpp; ../shared/reference/c10d-backend.md), modelled on
+// ProcessGroupGloo for CPU tensors.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include "collectives/collectives.h"
+#include "transport/communicator.h"
+
+namespace tcpx {
+
+// A Work whose outcome is set once, on the communicator's worker thread.
+class WorkTCPX : public c10d::Work {
+ public:
+  WorkTCPX(int rank, c10d::OpType opType, const char* profilingTitle,
+           std::vector<at::Tensor> outputs, std::string description,
+           const std::optional<std::vector<at::Tensor>>& inputs);
+
+  // Copies results back into non-contiguous user tensors (run before completion).
+  std::function<void()> postprocess;
+  // For recv: the rank the message came from.
+  int srcRank = -1;
+
+  // Called by the worker with the task's outcome.
+  void complete(const TaskResult& result);
+
+  bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  std::vector<at::Tensor> result() override { return outputs_; }
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  int sourceRank() const override;
+
+ private:
+  std::vector<at::Tensor> outputs_;
+  std::string description_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
+};
+
+class ProcessGroupTCPX : public c10d::Backend {
+ public:
+  // Bootstraps through `store` (already private to the group). Raises
+  // ValueError for bad TCPX_* configuration, DistBackendError when the
+  // bootstrap fails (e.g. rank 0 never publishes within `timeout`).
+  ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                   std::chrono::milliseconds timeout, std::string groupName,
+                   std::vector<int64_t> globalRanks);
+  ~ProcessGroupTCPX() override;
+
+  const std::string getBackendName() const override { return "tcpx"; }
+  c10::intrusive_ptr<c10d::Backend::Options> getBackendOptions() override;
+  void setTimeout(std::chrono::milliseconds timeout) override { timeout_ = timeout; }
+
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
+                                           const c10d::BroadcastOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
+                                           const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                           std::vector<at::Tensor>& inputs,
+                                           const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
+                                                 const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dstRank,
+                                      int tag) override;
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int srcRank,
+                                      int tag) override;
+
+  uint64_t getSequenceNumberForGroup() override;
+  void setSequenceNumberForGroup() override {}  // every rank starts at 0 already
+  void abort() override;
+  void shutdown() override;
+
+ private:
+  // Enqueues `task`, completing `work` from the worker.
+  c10::intrusive_ptr<c10d::Work> enqueue(std::shared_ptr<Task> task,
+                                         c10::intrusive_ptr<WorkTCPX> work,
+                                         std::chrono::milliseconds timeout);
+  std::chrono::milliseconds opTimeout(std::chrono::milliseconds requested) const;
+
+  std::unique_ptr<Communicator> comm_;
+  CollConfig collConfig_;
+  std::chrono::milliseconds timeout_;
+  std::string groupName_;
+};
+
+}  // namespace tcpx

@@ -1,0 +1,57 @@
+// Configuration: every TCPX_* environment variable, read and validated in one
+// place. docs/configuration.md documents each knob; keep the two in step.
+//
+// A bad value is an error that names the variable, the value and what is
+// allowed; it surfaces as a ValueError from init_process_group.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "common/logging.h"
+#include "common/status.h"
+
+namespace tcpx {
+
+struct Params {
+  LogLevel debug = LogLevel::kWarn;         // TCPX_DEBUG
+  uint32_t debugSubsys = kLogAll;           // TCPX_DEBUG_SUBSYS
+  std::string net = "socket";               // TCPX_NET: socket | plugin
+  std::string netPlugin;                    // TCPX_NET_PLUGIN: path of an NCCL net plugin
+  std::string socketIfname;                 // TCPX_SOCKET_IFNAME (NCCL_SOCKET_IFNAME syntax)
+  int socketFamily = 0;                     // TCPX_SOCKET_FAMILY: AF_INET | AF_INET6 | unset (0)
+  int nsocks = 2;                           // TCPX_NSOCKS: data sockets per connection
+  int nthreads = 2;                         // TCPX_NTHREADS: socket progress threads per process
+  int nchannels = 1;                        // TCPX_NCHANNELS: channels per peer
+  size_t chunkBytes = 512 * 1024;           // TCPX_CHUNK_BYTES: pipeline chunk = bounce buffer size
+  int buffers = 8;                          // TCPX_BUFFERS: bounce buffers per peer connection
+  size_t sliceBytes = 128 * 1024;           // TCPX_SLICE_BYTES: unit a message is cut into across data sockets
+  size_t inlineBytes = 16 * 1024;           // TCPX_INLINE_BYTES: messages up to this size ride the control socket
+  std::string algo;                         // TCPX_ALGO: "" (auto), "ring", "allreduce:rd,broadcast:chain", ...
+  size_t algoThreshold = 64 * 1024;         // TCPX_ALGO_THRESHOLD: at or below, latency-optimal algorithms
+  int spinUs = 0;                           // TCPX_SPIN_US: busy-poll before blocking, microseconds
+  std::string gpuNicMap;                    // TCPX_GPU_NIC_MAP (multi-NIC pairing override)
+
+  // The algorithm TCPX_ALGO forces for collective `coll` ("allreduce",
+  // "broadcast", ...), or "" when it is left to size-based choice.
+  std::string algoFor(const std::string& coll) const;
+};
+
+// Parses the variables through `getenvFn` (getenv in production, a map in
+// tests). On error, returns tcpxInvalidArgument with the message recorded.
+tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn,
+                         Params* out);
+
+// The process's parameters, parsed from the environment on first use. A parse
+// error is remembered and returned (with its message) on every call.
+tcpxResult_t getParams(const Params** out);
+
+// "TCPX_NSOCKS=2 TCPX_NTHREADS=2 ..." for the INFO line printed at init.
+std::string describeParams(const Params& p);
+
+// Parses "4096", "512K", "4M", "1G" (binary multiples). False if malformed.
+bool parseSize(const std::string& s, uint64_t* out);
+
+}  // namespace tcpx

@@ -1,0 +1,32 @@
+// Small utilities of the core: strings, clocks, random bytes.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tcpx {
+
+using Clock = std::chrono::steady_clock;
+
+std::string hostName();
+std::string toUpper(const std::string& s);
+std::string toLower(const std::string& s);
+std::string trim(const std::string& s);
+std::vector<std::string> splitString(const std::string& s, char sep);
+// printf into a std::string.
+std::string strFormat(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+// "1.5 MiB", "512 B": sizes in error messages and logs.
+std::string formatBytes(uint64_t bytes);
+
+// Fills `out` with `n` bytes from the kernel's CSPRNG (getrandom); falls back
+// to std::random_device if that fails.
+void randomBytes(void* out, size_t n);
+
+// Milliseconds from `now` to `deadline`, at least 0.
+int64_t msUntil(Clock::time_point deadline);
+
+}  // namespace tcpx

@@ -1,0 +1,95 @@
+// Communicator: one process group's view of its peers.
+//
+// Bootstrap goes through the group's Store only: rank 0 publishes a random
+// group secret (and the group-wide chunk size), every rank listens on its net
+// device and publishes its handle. Connections are made lazily, when an
+// algorithm first needs a peer: each ordered pair of ranks gets a collective
+// connection and, when used, a point-to-point one.
+//
+// A worker thread executes tasks in issue order. Collectives run one at a
+// time; each receives its messages into bounce buffers (TCPX_BUFFERS of
+// TCPX_CHUNK_BYTES per peer, always posted), checks every message's header
+// (transport/message.h) and then copies or reduces it into place. Point-to-
+// point transfers progress concurrently with collectives, on their own
+// connections, with unexpected messages buffered until their receive arrives.
+//
+// Failures:
+//  - a disagreement between ranks (other op, size, dtype...) fails the
+//    operation on the rank that sees it; that rank tells its peers with an
+//    ABORT message, which fails the operation there too. The message streams
+//    stay in step (leftovers of a failed operation are dropped by sequence
+//    number), so the group stays usable;
+//  - a lost connection or a timeout cannot be repaired: the communicator
+//    aborts (closes every connection, so that peers notice at once) and every
+//    later task fails with the original cause.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/event.h"
+#include "common/status.h"
+#include "net/net.h"
+#include "transport/store.h"
+#include "transport/task.h"
+
+namespace tcpx {
+
+struct CommOptions {
+  int rank = 0;
+  int nranks = 1;
+  std::chrono::milliseconds timeout{30 * 60 * 1000};  // default per-task timeout
+  std::string name = "default";                       // group name, for logs
+  std::shared_ptr<Store> store;
+  Net* net = nullptr;
+  int dev = 0;
+  size_t chunkBytes = 512 * 1024;  // rank 0's value is adopted by the group
+  int buffers = 8;                 // bounce buffers per peer
+  int spinUs = 0;                  // busy-poll before sleeping
+};
+
+class Communicator {
+ public:
+  // Bootstraps (secret, listen, publish). Fails with the Store's or the
+  // net's error (e.g. tcpxTimeout if rank 0 never publishes the secret).
+  static tcpxResult_t create(const CommOptions& opts, std::unique_ptr<Communicator>* out);
+  // Shuts down (waits for queued tasks, bounded by their timeouts).
+  ~Communicator();
+
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  int rank() const { return opts_.rank; }
+  int nranks() const { return opts_.nranks; }
+  size_t chunkBytes() const { return chunkBytes_; }
+  const std::string& name() const { return opts_.name; }
+
+  // Queues `task`; never blocks. On an aborted communicator the task fails
+  // at once (onComplete runs on the caller's thread then).
+  void enqueue(std::shared_ptr<Task> task);
+  // Fails everything queued or running with `why`, closes every connection.
+  void abort(const std::string& why);
+  // Lets queued tasks finish, then closes every connection and stops the worker.
+  void shutdown();
+  // Collectives issued so far (the group's sequence number).
+  uint64_t collectivesIssued() const;
+  // Non-empty once the communicator has aborted: the cause.
+  std::string abortReason() const;
+
+ private:
+  explicit Communicator(const CommOptions& opts);
+  tcpxResult_t bootstrap();
+
+  struct Impl;
+  CommOptions opts_;
+  size_t chunkBytes_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tcpx

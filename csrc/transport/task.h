@@ -1,0 +1,62 @@
+// Work handed to a Communicator: a collective (a schedule built when it
+// starts) or one side of a point-to-point transfer. The communicator's worker
+// thread runs tasks in issue order and calls onComplete exactly once, on the
+// worker thread, with the outcome.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "common/types.h"
+#include "transport/schedule.h"
+
+namespace tcpx {
+
+struct TaskResult {
+  tcpxResult_t code = tcpxSuccess;
+  std::string message;
+  bool ok() const { return code == tcpxSuccess; }
+};
+
+class Task {
+ public:
+  enum class Type : uint8_t { kCollective, kSend, kRecv };
+  explicit Task(Type t) : type(t) {}
+  virtual ~Task() = default;
+
+  const Type type;
+  // What the task is, for error messages: "all_reduce(float32, 1024 elements, SUM)".
+  std::string description;
+  // Limit from the start of execution; <= 0 means the communicator's default.
+  std::chrono::milliseconds timeout{0};
+  std::function<void(const TaskResult&)> onComplete;
+};
+
+class CollectiveTask : public Task {
+ public:
+  CollectiveTask() : Task(Type::kCollective) {}
+  // Runs on the worker when the task starts; fills the schedule and its
+  // header, and may do local work first (copies, scaling). An error fails
+  // the task without any message sent.
+  std::function<tcpxResult_t(Schedule*)> build;
+  // Runs on the worker after every step succeeded (e.g. AVG's division).
+  std::function<tcpxResult_t()> finish;
+};
+
+// Point-to-point: `bytes` of `data` to/from `peer`, matched by (peer, tag)
+// in issue order; the receiver also checks size and data type.
+class P2PTask : public Task {
+ public:
+  explicit P2PTask(Type t) : Task(t) {}
+  int peer = -1;
+  int64_t tag = 0;
+  void* data = nullptr;
+  size_t bytes = 0;
+  DataType dtype = DataType::kUInt8;
+};
+
+}  // namespace tcpx
