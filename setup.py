@@ -33,7 +33,7 @@ setup(
             name="torch_tcpx._C",
             sources=sources(),
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall", "-Wno-unused-parameter"]},
+            extra_compile_args={"cxx": ["-O3", "-Wall", "-Wno-unused-parameter"]},
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,5 +1,10 @@
 // Collective algorithms as schedules (transport/schedule.h), one file each.
 //
+// Every algorithm sends the same number of messages whatever the size (an
+// empty piece still travels as a 0-byte message): ranks that disagree on the
+// size then always meet a message whose header tells them so, even a rank
+// whose own tensor is empty.
+//
 // Notation in the cost lines: n ranks, S bytes per rank, C the chunk size,
 // alpha the per-message latency. "Steps" counts sequential message rounds;
 // "bytes" what each rank sends. Every algorithm pipelines by chunks of at most

@@ -10,12 +10,13 @@ namespace tcpx {
 void buildChainBroadcast(Schedule* s, char* buf, size_t bytes, int root) {
   const int n = s->nranks();
   const int r = s->rank();
-  if (n == 1 || bytes == 0) return;
+  if (n == 1) return;
   const int pos = (r - root + n) % n;
   const int prev = (r + n - 1) % n;
   const int next = (r + 1) % n;
   const size_t cb = s->chunkBytes();
-  for (size_t off = 0; off < bytes; off += cb) {
+  // At least one message, even for an empty buffer.
+  for (size_t off = 0; off < bytes || off == 0; off += cb) {
     size_t len = std::min(cb, bytes - off);
     if (pos == 0) {
       s->send(next, buf + off, len);

@@ -15,13 +15,14 @@ namespace tcpx {
 void buildRdAllreduce(Schedule* s, char* buf, size_t count, size_t esz) {
   const int n = s->nranks();
   const int r = s->rank();
-  if (n == 1 || count == 0) return;
+  if (n == 1) return;
   int p = 1;
   while (p * 2 <= n) p *= 2;
   const int rem = n - p;
   const size_t chunkElems = std::max<size_t>(1, s->chunkBytes() / esz);
   std::vector<std::pair<size_t, size_t>> chunks;  // element offset, length
   for (size_t c = 0; c < count; c += chunkElems) chunks.push_back({c, std::min(chunkElems, count - c)});
+  if (count == 0) chunks.push_back({0, 0});  // still one (empty) message per round
   auto ptr = [&](size_t i) { return buf + chunks[i].first * esz; };
   auto len = [&](size_t i) { return chunks[i].second * esz; };
   const size_t none = SIZE_MAX;

@@ -361,7 +361,8 @@ TCPX_F16C void fp16LoopF16C(uint16_t* d, const uint16_t* s, size_t n) {
     __m128i r = _mm256_cvtps_ph(Vec<Op>::apply(a, b), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), r);
   }
-  for (; i < n; ++i) d[i] = Fp16::fromFloat(Op::apply(Fp16::toFloat(d[i]), Fp16::toFloat(s[i])));
+  // The last < 8 elements: the portable loop rounds the same way.
+  if (i < n) runHalf<Fp16, Op>(d + i, s + i, n - i);
 }
 
 std::atomic<bool> gF16cAllowed{true};

@@ -10,11 +10,11 @@ namespace tcpx {
 void buildRingAllgather(Schedule* s, const std::vector<char*>& segs, size_t segBytes) {
   const int n = s->nranks();
   const int r = s->rank();
-  if (n == 1 || segBytes == 0) return;
+  if (n == 1) return;
   const int next = (r + 1) % n;
   const int prev = (r + n - 1) % n;
   const size_t cb = s->chunkBytes();
-  const size_t nchunks = (segBytes + cb - 1) / cb;
+  const size_t nchunks = std::max<size_t>(1, (segBytes + cb - 1) / cb);  // >= 1 message
   auto mod = [n](int x) { return ((x % n) + n) % n; };
   std::vector<std::vector<Schedule::StepId>> recvd(static_cast<size_t>(n));
   for (int k = 0; k < n - 1; k++) {

@@ -22,7 +22,7 @@ void splitEven(size_t count, int n, int i, size_t* off, size_t* len) {
 void buildRingAllreduce(Schedule* s, char* buf, size_t count, size_t esz) {
   const int n = s->nranks();
   const int r = s->rank();
-  if (n == 1 || count == 0) return;
+  if (n == 1) return;
   const int next = (r + 1) % n;
   const int prev = (r + n - 1) % n;
   const size_t chunkElems = std::max<size_t>(1, s->chunkBytes() / esz);
@@ -38,6 +38,7 @@ void buildRingAllreduce(Schedule* s, char* buf, size_t count, size_t esz) {
     splitEven(count, n, seg, &off, &len);
     for (size_t c = 0; c < len; c += chunkElems)
       chunks[seg].push_back({off + c, std::min(chunkElems, len - c)});
+    if (len == 0) chunks[seg].push_back({off, 0});  // still one (empty) message
   }
   auto ptr = [&](const Chunk& c) { return buf + c.off * esz; };
   const size_t none = SIZE_MAX;

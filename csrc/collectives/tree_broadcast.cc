@@ -11,7 +11,7 @@ namespace tcpx {
 void buildTreeBroadcast(Schedule* s, char* buf, size_t bytes, int root) {
   const int n = s->nranks();
   const int r = s->rank();
-  if (n == 1 || bytes == 0) return;
+  if (n == 1) return;
   const int v = (r - root + n) % n;
   int parent = -1;
   int top = 1;  // smallest power of two above v's highest set bit
@@ -26,7 +26,8 @@ void buildTreeBroadcast(Schedule* s, char* buf, size_t bytes, int root) {
   // deepest subtrees get each chunk first.
   for (int m = top; v + m < n; m *= 2) children.push_back((v + m + root) % n);
   const size_t cb = s->chunkBytes();
-  for (size_t off = 0; off < bytes; off += cb) {
+  // At least one message, even for an empty buffer.
+  for (size_t off = 0; off < bytes || off == 0; off += cb) {
     size_t len = std::min(cb, bytes - off);
     Schedule::StepId got = 0;
     if (parent >= 0) got = s->recv(parent, buf + off, len);

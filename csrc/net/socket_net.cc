@@ -155,7 +155,9 @@ struct SocketRequest {
   // send side
   const char* sdata = nullptr;
   size_t assigned = 0;  // bytes handed to data sockets
-  size_t written = 0;   // bytes fully written
+  size_t written = 0;   // payload bytes handed to the kernel
+  uint64_t ctrlEnd = 0; // end of its header (+ inline payload) in the control stream
+  bool ctrlDone = false;  // header (+ inline payload) handed to the kernel
   // receive side
   char* rdata = nullptr;
   size_t capacity = 0;
@@ -354,14 +356,17 @@ class SendComm : public CommBase {
     WireCtrl c{r->seq, tag, size, inl ? size : 0, r->seq ^ size ^ kWireMagic};
     const char* cb = reinterpret_cast<const char*>(&c);
     ctrlOut_.insert(ctrlOut_.end(), cb, cb + sizeof(c));
+    ctrlQueued_ += sizeof(c) + (inl ? size : 0);
+    r->ctrlEnd = ctrlQueued_;
+    ctrlWait_.push_back(r);
+    pending_.push_back(r);
     if (inl) {
-      // Small payloads are copied behind their header: the request is done
-      // as soon as it is queued, and the receiver gets header and data in one read.
+      // Small payloads are copied behind their header, so the receiver gets
+      // header and data in one read; the request completes when those bytes
+      // are in the kernel (usually in this very call).
       ctrlOut_.insert(ctrlOut_.end(), r->sdata, r->sdata + size);
       r->written = size;
-      finishLocked(r, tcpxSuccess, "");
     } else {
-      pending_.push_back(r);
       queue_.push_back(r);
       for (size_t i = 1; i < socks_.size(); i++) {
         SockHandler* h = socks_[i].get();
@@ -381,6 +386,8 @@ class SendComm : public CommBase {
                        MSG_NOSIGNAL | MSG_DONTWAIT);
       if (n > 0) {
         ctrlOff_ += static_cast<size_t>(n);
+        ctrlSent_ += static_cast<uint64_t>(n);
+        ctrlProgressLocked();
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
@@ -395,6 +402,29 @@ class SendComm : public CommBase {
     ctrlOut_.clear();
     ctrlOff_ = 0;
     setInterestLocked(h, EPOLLIN | EPOLLRDHUP);
+  }
+
+  // Requests whose control bytes are now all in the kernel.
+  void ctrlProgressLocked() {
+    if (failed_) {  // failed requests belong to the caller now
+      ctrlWait_.clear();
+      return;
+    }
+    while (!ctrlWait_.empty() && ctrlWait_.front()->ctrlEnd <= ctrlSent_) {
+      SocketRequest* r = ctrlWait_.front();
+      ctrlWait_.pop_front();
+      r->ctrlDone = true;
+      maybeCompleteLocked(r);
+    }
+  }
+
+  // A send is complete once header and payload have been handed to the
+  // kernel: from then on an orderly close still delivers it.
+  void maybeCompleteLocked(SocketRequest* r) {
+    if (!r->ctrlDone || r->written < r->size || r->slicesInFlight > 0) return;
+    if (r->state.load() != kReqPending) return;
+    finishLocked(r, tcpxSuccess, "");
+    removePendingLocked(r);
   }
 
   // The receiver never writes after the handshake: readability means EOF or error.
@@ -514,16 +544,16 @@ class SendComm : public CommBase {
         }
         return;
       }
-      if (r->written == r->size) {
-        finishLocked(r, tcpxSuccess, "");
-        removePendingLocked(r);
-      }
+      maybeCompleteLocked(r);
     }
   }
 
  private:
   std::vector<char> ctrlOut_;
   size_t ctrlOff_ = 0;
+  uint64_t ctrlQueued_ = 0;  // control-stream bytes queued since the start
+  uint64_t ctrlSent_ = 0;    // control-stream bytes handed to the kernel
+  std::deque<SocketRequest*> ctrlWait_;  // requests whose control bytes are not all sent
   std::deque<SocketRequest*> queue_;  // requests with bytes not yet handed to a socket
 };
 
@@ -541,6 +571,7 @@ class RecvComm : public CommBase {
       setLastError(failMsg_);
       return failCode_;
     }
+    if (peerClosed_) return irecvAfterCloseLocked(data, capacity, out);
     auto* r = new SocketRequest();
     r->isSend = false;
     r->seq = nextSeq_++;
@@ -626,8 +657,10 @@ class RecvComm : public CommBase {
     }
   }
 
-  // A socket reached EOF. Once every socket has, the sender is gone and
-  // nothing more can arrive: requests still waiting fail.
+  // A socket reached EOF. Once every socket has, the sender closed in order
+  // and everything it sent has been read: posted receives that are still
+  // incomplete can never complete and fail; messages that arrived whole
+  // (inline ones waiting in early_) can still be received.
   void onEofLocked(SockHandler* h, bool midMessage) {
     h->eof = true;
     detachLocked(h);
@@ -638,7 +671,41 @@ class RecvComm : public CommBase {
     }
     for (auto& s : socks_)
       if (!s->eof) return;
-    failLocked(tcpxRemoteError, strFormat("%s closed the connection", peer_.c_str()));
+    peerClosed_ = true;
+    std::string msg = strFormat("%s closed the connection", peer_.c_str());
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      SocketRequest* r = *it;
+      if (r->slicesInFlight == 0) {
+        finishLocked(r, tcpxRemoteError, msg);
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    window_.clear();
+  }
+
+  tcpxResult_t irecvAfterCloseLocked(void* data, size_t capacity, SocketRequest** out) {
+    auto* r = new SocketRequest();
+    r->isSend = false;
+    r->seq = nextSeq_++;
+    r->rdata = static_cast<char*>(data);
+    r->capacity = capacity;
+    auto e = early_.find(r->seq);
+    if (e != early_.end() && e->second.data.size() == e->second.size) {
+      r->ctrlSeen = true;
+      r->tag = e->second.tag;
+      r->size = e->second.size;
+      size_t n = std::min(e->second.data.size(), capacity);
+      if (n) memcpy(r->rdata, e->second.data.data(), n);
+      r->consumed = r->size;
+      early_.erase(e);
+      finishLocked(r, tcpxSuccess, "");
+    } else {
+      finishLocked(r, tcpxRemoteError, strFormat("%s closed the connection", peer_.c_str()));
+    }
+    *out = r;
+    return tcpxSuccess;
   }
 
   void protocolErrorLocked(const std::string& what) {
@@ -838,6 +905,7 @@ class RecvComm : public CommBase {
   std::deque<SocketRequest*> window_;  // posted, indexed by seq - windowBase_; null once done
   uint64_t windowBase_ = 0;
   std::map<uint64_t, EarlyCtrl> early_;  // control headers that came before their irecv
+  bool peerClosed_ = false;               // every socket reached EOF at a message boundary
   // Control stream parsing state (control socket thread only, under mu_).
   std::vector<char> inBuf_ = std::vector<char>(64 * 1024);
   size_t inStart_ = 0, inFill_ = 0;

@@ -1,9 +1,18 @@
 """pytest fixtures of the torch_tcpx Python suite.
 
-Backend under test: $TCPX_TEST_BACKEND (default "tcpx"; "gloo" validates the suite itself).
+    python -m pytest tests/python -q                          # the tcpx backend (default)
+    TCPX_TEST_BACKEND=gloo python -m pytest tests/python -q   # validate the suite against gloo
+    python -m pytest tests/python -q -m "not big"             # without the 64 MiB cases
+
+Backend under test: $TCPX_TEST_BACKEND (default "tcpx"; "gloo" validates the suite itself;
+torch_tcpx is imported, in the rank processes only, when the backend is "tcpx").  Cases that gloo
+cannot run are skipped only when the backend is gloo; TCPX_TEST_IGNORE_GLOO_SKIPS=1 runs them
+anyway (they then fail on gloo, showing that they detect what they test).
+
 Session-scoped rank pools for world sizes 2, 3 and 4 are created on first use and recreated
 when a test leaves one broken (a hang or a dead rank).  Tests that must kill or wedge their
-ranks build their own RankPool instead.
+ranks build their own RankPool instead.  Rank logs live in /tmp/tcpx-test-*; those of broken
+pools are kept and their tails are shown in the failure message.
 """
 
 from __future__ import annotations

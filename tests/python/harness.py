@@ -107,7 +107,7 @@ def _error_tuple(exc: BaseException) -> tuple:
 
 
 def _worker_main(rank: int, world_size: int, backend: str, port: int, timeout_s: float,
-                 env: dict | None, conn, log_path: str) -> None:
+                 env: dict | None, conn, log_path: str, init: str = "tcp") -> None:
     # Everything the rank prints (Python and C++) goes to its own log file; the parent shows
     # its tail when something goes wrong.
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -116,6 +116,9 @@ def _worker_main(rank: int, world_size: int, backend: str, port: int, timeout_s:
     os.close(fd)
     if env:
         os.environ.update({k: str(v) for k, v in env.items()})
+    if init == "env":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         from datetime import timedelta
 
@@ -127,13 +130,17 @@ def _worker_main(rank: int, world_size: int, backend: str, port: int, timeout_s:
 
         if backend == "tcpx":
             import torch_tcpx  # noqa: F401  (registers the "tcpx" backend)
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        if init == "env":
+            dist.init_process_group(backend, init_method="env://",
+                                    timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=timeout_s),
+            )
     except BaseException as exc:  # noqa: BLE001
         try:
             conn.send(_error_tuple(exc))
@@ -218,7 +225,12 @@ class RankPool:
 
     def __init__(self, world_size: int, backend: str | None = None, timeout_s: float = 60,
                  env: dict | None = None, startup_timeout_s: float | None = None,
-                 name: str | None = None):
+                 name: str | None = None, init: str = "tcp"):
+        """``init``: "tcp" (init_method="tcp://127.0.0.1:<port>", the default) or "env"
+        (init_method="env://" with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set per rank)."""
+        if init not in ("tcp", "env"):
+            raise ValueError(f"init must be 'tcp' or 'env', not {init!r}")
+        self.init = init
         self.world_size = world_size
         self.backend = backend or backend_under_test()
         self.timeout_s = timeout_s
@@ -263,7 +275,7 @@ class RankPool:
             proc = ctx.Process(
                 target=_worker_main,
                 args=(rank, self.world_size, self.backend, port, self.timeout_s, self.env,
-                      child_conn, self.log_path(rank)),
+                      child_conn, self.log_path(rank), self.init),
                 name=f"{self.name}-rank{rank}",
                 daemon=True,
             )
@@ -296,7 +308,7 @@ class RankPool:
             for proc in self._procs:
                 proc.join(max(0.0, deadline - time.monotonic()))
         self._kill()
-        if not self._keep_logs and not self.broken:
+        if not self._keep_logs:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def _kill(self) -> None:
@@ -315,10 +327,11 @@ class RankPool:
             except OSError:
                 pass
 
-    def mark_broken(self, why: str) -> None:
+    def mark_broken(self, why: str, keep_logs: bool = True) -> None:
+        """Kill the ranks; the pool refuses further requests.  Logs stay for post-mortems."""
         if not self.broken:
             self.broken = why
-        self._keep_logs = True
+        self._keep_logs = self._keep_logs or keep_logs
         self._kill()
 
     @property
@@ -335,6 +348,7 @@ class RankPool:
     def _collect(self, timeout: float, what: str, allow_exit: Iterable[int],
                  error_grace_s: float | None = None) -> list[RankResult]:
         """Wait for one answer per rank; raise RankPoolError on a hang or an unexpected death."""
+        __tracebackhide__ = True  # pytest: show the test's line, not the harness internals
         allow_exit = set(allow_exit)
         deadline = time.monotonic() + timeout
         results: dict[int, RankResult] = {}
@@ -358,7 +372,14 @@ class RankPool:
                 if r in results:
                     continue
                 conn = self._conns[r]
-                if kind == "proc" and not conn.poll():
+                msg = None
+                if kind == "conn" or conn.poll():
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):
+                        msg = None  # the rank is gone (its end of the pipe closed)
+                if msg is None:
+                    self._procs[r].join(2)  # the pipe/sentinel can fire before exitcode is set
                     code = self._procs[r].exitcode
                     if r in allow_exit:
                         results[r] = RankResult(r, "exited", exitcode=code)
@@ -366,14 +387,6 @@ class RankPool:
                     raise RankPoolError(
                         f"{self.name}: rank {r} died (exit code {code}) during {what}\n"
                         f"{self.logs()}")
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError) as exc:
-                    if r in allow_exit:
-                        results[r] = RankResult(r, "exited", exitcode=self._procs[r].exitcode)
-                        continue
-                    raise RankPoolError(
-                        f"{self.name}: lost rank {r} during {what}: {exc!r}\n{self.logs()}")
                 if msg[0] == "error":
                     results[r] = RankResult(r, "error", exc_type=msg[1], message=msg[2],
                                             traceback=msg[3])
@@ -392,6 +405,7 @@ class RankPool:
         Ranks in ``allow_exit`` may die instead of answering (their result has status "exited").
         Once one rank has raised, the others get ``error_grace_s`` more seconds to answer.
         """
+        __tracebackhide__ = True
         if not self.usable:
             raise RankPoolError(f"{self.name} is not usable: {self.broken or 'closed'}")
         module, file, qualname = _fn_address(fn)
@@ -423,6 +437,7 @@ class RankPool:
         If any rank raised, the pool is checked with a small all_reduce (and marked broken when
         that fails) and RankFailure is raised with every failing rank's traceback.
         """
+        __tracebackhide__ = True
         results = self.run_raw(fn, timeout=timeout, **kwargs)
         failed = [r for r in results if r.status != "ok"]
         if not failed:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: C++ core tests (GoogleTest through CTest) and the
+# Python tests (pytest, ranks as processes). Installs what it needs first.
+#   TCPX_TEST_QUICK=1   CI's bounded subset where a test module offers one
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh
+
+printf '\n==> C++ core tests (cmake + ctest)\n'
+cmake -S . -B build/core -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build/core
+ctest --test-dir build/core --output-on-failure --timeout 900 -j 1
+
+printf '\n==> Python tests (pytest)\n'
+python3 -m pytest tests/python -q -ra --timeout 900 "$@"
