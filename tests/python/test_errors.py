@@ -168,11 +168,19 @@ def rank_mismatch(rank, ws, *, case):
 @pytest.mark.parametrize("case", MISMATCH_CASES)
 @pytest.mark.parametrize("ws", [2, 3])
 def test_mismatch(pools, ws, case):
-    """Ranks disagreeing on size/dtype all get RuntimeError('...mismatch...'); group still works."""
+    """Ranks that disagree on size/dtype get RuntimeError('...mismatch...') (every rank for
+    all_reduce/all_gather; for broadcast the rank that disagrees with the root); group still works."""
     results = pools.get(ws).run(rank_mismatch, timeout=45, case=case)
     problems = []
     for rank, ((kind, exc_type, msg, elapsed), usable) in enumerate(results):
-        if kind != "RuntimeError":
+        # A broadcast root only sends, and ranks that agree with it receive
+        # exactly what they expect: neither can see the disagreement without
+        # an acknowledgement round trip (gloo and NCCL do not detect it either).
+        # They may complete (their data is right); the disagreeing rank must fail.
+        agrees_with_root = case.startswith("broadcast") and rank != ws - 1
+        if agrees_with_root and kind == "nothing":
+            pass
+        elif kind != "RuntimeError":
             problems.append(f"rank {rank}: expected RuntimeError, got {kind} {exc_type} {msg!r}")
         elif "mismatch" not in msg.lower():
             problems.append(f"rank {rank}: {exc_type} does not say 'mismatch': {msg!r}")
@@ -223,8 +231,9 @@ def rank_meta_public_api(rank, ws):
 
 @pytest.mark.parametrize("ws", [2])
 def test_meta_device_public_api(pools, ws):
-    """dist.all_reduce on a meta tensor raises naming 'meta' or is absorbed by torch's meta
-    kernel (FakeWork); either way nothing hangs and the group stays usable."""
+    """all_reduce on a meta tensor raises naming 'meta' or torch absorbs it; the group survives."""
+    # torch 2.13 registers Python meta kernels for the c10d ops (FakeWork), so the call may never
+    # reach the backend; test_meta_device_rejected_by_backend checks the backend's own check.
     pools.get(ws).run(rank_meta_public_api, timeout=60)
 
 
@@ -301,8 +310,10 @@ def rank_peer_death(rank, ws, *, mode):
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("mode", ["before_join", "mid_op", "after_death"])
 def test_peer_death(mode):
-    """When a rank dies (os._exit), the others' collective raises RuntimeError within the
-    group's timeout instead of hanging (own pool, timeout=10 s)."""
+    """A rank dying (os._exit) makes the others' all_reduce raise RuntimeError in the timeout."""
+    # Own pool with timeout=10 s.  before_join: the victim dies while the others wait in the
+    # collective; mid_op: it dies right after issuing it (the others see the error from wait());
+    # after_death: it is gone before the others start.
     with RankPool(3, BACKEND, timeout_s=PEER_DEATH_TIMEOUT_S, name=f"peer-death-{mode}") as pool:
         results = pool.run_raw(rank_peer_death, timeout=90, allow_exit=(VICTIM,),
                                error_grace_s=None, mode=mode)

@@ -36,8 +36,7 @@ def rank_die_on_last(rank, ws):
 
 
 def test_pool_reports_errors_hangs_and_deaths():
-    """run() returns per-rank results, raises RankFailure with the rank's traceback, and turns a
-    hang or a dead rank into RankPoolError with the pool marked broken."""
+    """run() returns results, raises RankFailure with tracebacks; hangs/deaths break the pool."""
     with RankPool(2, BACKEND, timeout_s=30, name="harness-selftest") as pool:
         assert pool.run(rank_echo, value="x") == [(0, 2, "x"), (1, 2, "x")]
         with pytest.raises(RankFailure, match="deliberate failure") as info:

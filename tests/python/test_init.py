@@ -40,7 +40,7 @@ def test_init_env():
 
 @pytest.mark.timeout(240)
 def test_torchrun():
-    """Under torchrun (--standalone, 2 processes) init_process_group(backend) and collectives work."""
+    """Under torchrun (--standalone, 2 processes) init_process_group(backend) and ops work."""
     # The workers see the same modules as the pools' ranks (e.g. an in-place build of torch_tcpx).
     pythonpath = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
     env = dict(os.environ, TCPX_TEST_BACKEND=BACKEND, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)

@@ -1,4 +1,4 @@
-"""Work and Future semantics: future values, callbacks, issue order, wait(timeout), stored errors."""
+"""Work and Future semantics: future values, callbacks, issue order, wait(timeout), errors."""
 
 from __future__ import annotations
 
@@ -225,7 +225,8 @@ def test_wait_timeout_raises(variant):
         f"wait(timeout=300ms) on an op that could not complete: {kind} {msg!r} " \
         f"after {elapsed:.2f} s"
     assert elapsed < JOIN_DELAY_S - 1.0, \
-        f"wait(timeout=300ms) raised only after {elapsed:.2f} s (the peer joins at {JOIN_DELAY_S} s)"
+        f"wait(timeout=300ms) raised only after {elapsed:.2f} s " \
+        f"(the peer joins at {JOIN_DELAY_S} s)"
 
 
 # ---------------------------------------------------------------------------------------------
