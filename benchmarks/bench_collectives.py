@@ -105,6 +105,9 @@ def parse_args():
     p.add_argument("--target-time", type=float, default=0.3,
                    help="seconds of timed iterations per size and backend with --iters auto (default 0.3)")
     p.add_argument("--max-iters", type=int, default=100000, help="cap on auto iterations")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timed rounds per size and backend, alternating between backends; the "
+                        "median round is reported (default 1)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="tensor device (cuda: GPU LOCAL_RANK per rank), default cpu")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads per rank (default 1)")
@@ -300,18 +303,22 @@ class Bench:
         return time.perf_counter() - t0
 
     def measure(self, op, size, label):
-        """Returns a result dict for this (op, size, backend); status 'ok', 'wrong', 'error' or 'skip'."""
+        """Validates and calibrates this (op, size, backend) and returns (result dict, timer).
+
+        The result's status is 'ok', 'wrong', 'error' or 'skip'; for 'ok', timer() runs one timed
+        round (back-to-back ops, MAX over ranks) and returns seconds per op; finish() turns the
+        rounds' times into the row's numbers."""
         a = self.args
         pg = self.groups[label]
         res = dict(op=op, backend=label, time_us=math.nan, algbw=math.nan, busbw=math.nan,
                    iters=0, warmup=0, status="ok", note="")
         if (op, label) in self.skip:
             res.update(status="skip", note=self.skip[(op, label)])
-            return res
+            return res, None
         made = self.setup(op, size, pg)
         if made is None:
             res.update(status="skip", note="size below one element per rank")
-            return res
+            return res, None
         nbytes, count, fn, check, reset = made
         res.update(bytes=nbytes, count=count)
 
@@ -331,7 +338,7 @@ class Bench:
             note = f"{label} does not support {op}" + (f" ({err})" if err else "")
             self.skip[(op, label)] = note
             res.update(status="skip", note=note)
-            return res
+            return res, None
         if bad:
             self.failed = True
             if err:  # a real error: the group may be unusable, stop using it for this op
@@ -339,7 +346,7 @@ class Bench:
                 res.update(status="error", note=err or f"error on rank {bad_rank}")
             else:
                 res.update(status="wrong", note=f"WRONG RESULT (first seen on rank {bad_rank})")
-            return res
+            return res, None
         reset()
 
         # 2. calibration and warm-up; every count is agreed on over the measurement group
@@ -357,12 +364,22 @@ class Bench:
             if warm:
                 self.timed(fn, warm)
 
-        # 3. timed loop, back to back, no barrier inside
-        dist.barrier(group=self.meas)
-        (t,) = self.reduce_max([self.timed(fn, iters) / iters])
-        algbw = nbytes / t / 1e9
-        res.update(time_us=t * 1e6, algbw=algbw, busbw=algbw * bus_factor(op, self.world),
-                   iters=iters, warmup=warm)
+        # 3. timed loop, back to back, no barrier inside (run by the caller, once per round)
+        res.update(iters=iters, warmup=warm)
+
+        def timer():
+            dist.barrier(group=self.meas)
+            (t,) = self.reduce_max([self.timed(fn, iters) / iters])
+            return t
+
+        return res, timer
+
+    def finish(self, res, times):
+        """Fills a result from the per-round times: the median round."""
+        t = sorted(times)[len(times) // 2]
+        algbw = res["bytes"] / t / 1e9
+        res.update(time_us=t * 1e6, algbw=algbw, busbw=algbw * bus_factor(res["op"], self.world),
+                   rounds=len(times))
         return res
 
 
@@ -546,11 +563,19 @@ def main():
         out(table.header(op, world, ", root 0" if op == "broadcast" else ""))
         noted = set()
         for size in sizes(args.min_bytes, args.max_bytes):
-            results = {}
+            results, timers, times = {}, {}, {}
             for label in bench.labels:
-                r = bench.measure(op, size, label)
+                r, timers[label] = bench.measure(op, size, label)
                 r["redop"] = redop
                 results[label] = r
+            # Rounds alternate between backends, so that a busy moment of the machine
+            # hits them alike; the median round is reported.
+            for _ in range(args.rounds):
+                for label, timer in timers.items():
+                    if timer is not None:
+                        times.setdefault(label, []).append(timer())
+            for label, ts in times.items():
+                bench.finish(results[label], ts)
             first = next((r for r in results.values() if "bytes" in r), None)
             if first is None:  # below one element per rank for everyone
                 continue

@@ -1,5 +1,6 @@
 #include "common/param.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
@@ -7,6 +8,7 @@
 #include <set>
 
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "common/utils.h"
 
@@ -156,8 +158,15 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
                "TCPX_SOCKET_FAMILY='%s' is invalid: expected AF_INET or AF_INET6", v);
   }
   if (const char* v = get("TCPX_NSOCKS")) TCPX_CHECK(parseInt("TCPX_NSOCKS", v, 1, 64, &p.nsocks));
-  if (const char* v = get("TCPX_NTHREADS"))
+  if (const char* v = get("TCPX_NTHREADS")) {
     TCPX_CHECK(parseInt("TCPX_NTHREADS", v, 1, 64, &p.nthreads));
+  } else {
+    // torchrun tells each process how many share the host.
+    int lws = 1;
+    if (const char* l = get("LOCAL_WORLD_SIZE")) lws = std::max(1, atoi(l));
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    p.nthreads = autoThreads(cpus > 0 ? static_cast<int>(cpus) : 1, lws);
+  }
   if (const char* v = get("TCPX_NCHANNELS"))
     TCPX_CHECK(parseInt("TCPX_NCHANNELS", v, 1, 32, &p.nchannels));
   if (const char* v = get("TCPX_CHUNK_BYTES"))
@@ -176,6 +185,11 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
   if (const char* v = get("TCPX_GPU_NIC_MAP")) p.gpuNicMap = trim(v);
   *out = p;
   return tcpxSuccess;
+}
+
+int autoThreads(int cpus, int localWorldSize) {
+  int t = cpus / (2 * std::max(1, localWorldSize));
+  return std::max(1, std::min(4, t));
 }
 
 tcpxResult_t getParams(const Params** out) {

@@ -23,11 +23,11 @@ struct Params {
   std::string socketIfname;                 // TCPX_SOCKET_IFNAME (NCCL_SOCKET_IFNAME syntax)
   int socketFamily = 0;                     // TCPX_SOCKET_FAMILY: AF_INET | AF_INET6 | unset (0)
   int nsocks = 2;                           // TCPX_NSOCKS: data sockets per connection
-  int nthreads = 2;                         // TCPX_NTHREADS: socket progress threads per process
+  int nthreads = 1;                         // TCPX_NTHREADS: socket progress threads per process (default: autoThreads)
   int nchannels = 1;                        // TCPX_NCHANNELS: channels per peer
   size_t chunkBytes = 512 * 1024;           // TCPX_CHUNK_BYTES: pipeline chunk = bounce buffer size
   int buffers = 8;                          // TCPX_BUFFERS: bounce buffers per peer connection
-  size_t sliceBytes = 128 * 1024;           // TCPX_SLICE_BYTES: unit a message is cut into across data sockets
+  size_t sliceBytes = 512 * 1024;           // TCPX_SLICE_BYTES: unit a message is cut into across data sockets
   size_t inlineBytes = 16 * 1024;           // TCPX_INLINE_BYTES: messages up to this size ride the control socket
   std::string algo;                         // TCPX_ALGO: "" (auto), "ring", "allreduce:rd,broadcast:chain", ...
   size_t algoThreshold = 64 * 1024;         // TCPX_ALGO_THRESHOLD: at or below, latency-optimal algorithms
@@ -47,6 +47,11 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
 // The process's parameters, parsed from the environment on first use. A parse
 // error is remembered and returned (with its message) on every call.
 tcpxResult_t getParams(const Params** out);
+
+// Default progress threads per process: half the cores available to each
+// local rank, between 1 and 4. Measured on a 2-core machine (docs/performance.md):
+// extra threads only add context switches when ranks outnumber cores.
+int autoThreads(int cpus, int localWorldSize);
 
 // "TCPX_NSOCKS=2 TCPX_NTHREADS=2 ..." for the INFO line printed at init.
 std::string describeParams(const Params& p);

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -158,6 +159,9 @@ void ProgressEngine::removeTicker(int t, int id) {
 }
 
 void ProgressEngine::loop(Thread* th) {
+  char name[16];
+  snprintf(name, sizeof(name), "tcpx-net%d", th->index);
+  pthread_setname_np(pthread_self(), name);
   tThreadIndex = th->index;
   tEngine = this;
   constexpr int kMaxEvents = 64;

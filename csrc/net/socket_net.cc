@@ -193,6 +193,7 @@ class SockHandler : public PollHandler {
   SocketRequest* rreq = nullptr;
   size_t rdone = 0;  // payload bytes of the slice read
   bool paused = false;
+  bool writing = false;  // send side: a thread is writing slices on this socket
   bool eof = false;
 };
 
@@ -367,11 +368,9 @@ class SendComm : public CommBase {
       ctrlOut_.insert(ctrlOut_.end(), r->sdata, r->sdata + size);
       r->written = size;
     } else {
+      // The caller writes what the kernel takes right away (kick()); only
+      // the rest wakes the progress threads.
       queue_.push_back(r);
-      for (size_t i = 1; i < socks_.size(); i++) {
-        SockHandler* h = socks_[i].get();
-        if (!h->sreq) setInterestLocked(h, EPOLLOUT | EPOLLIN | EPOLLRDHUP);
-      }
     }
     flushCtrlLocked();
     *out = r;
@@ -474,21 +473,61 @@ class SendComm : public CommBase {
     writeSlices(h);
   }
 
-  // Data socket: take slices from the queue and write them until the socket
-  // would block or a byte budget is spent (fairness between sockets).
+  // After isend, on the caller's thread: writes queued slices on an idle data
+  // socket now. A message the kernel takes whole never wakes a progress thread.
+  void kick() {
+    SockHandler* h = nullptr;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (failed_ || !queueHasWorkLocked()) return;
+      for (size_t i = 1; i < socks_.size() && !h; i++)
+        if (!socks_[i]->sreq && !socks_[i]->writing && !socks_[i]->detached) h = socks_[i].get();
+    }
+    if (h) writeSlices(h);
+  }
+
+  bool queueHasWorkLocked() {
+    while (!queue_.empty() && queue_.front()->assigned >= queue_.front()->size) queue_.pop_front();
+    return !queue_.empty();
+  }
+
+  // Arms EPOLLOUT on every data socket that holds no slice, so that the
+  // progress threads spread queued slices over them.
+  void armIdleLocked() {
+    for (size_t i = 1; i < socks_.size(); i++) {
+      SockHandler* s = socks_[i].get();
+      if (!s->sreq && !s->writing) setInterestLocked(s, EPOLLOUT | EPOLLIN | EPOLLRDHUP);
+    }
+  }
+
+  // Data socket: writes slices until the kernel pushes back, a byte budget is
+  // spent (fairness between sockets) or nothing is queued. Called by the
+  // socket's progress thread on EPOLLOUT or by kick(); `writing` keeps it to
+  // one writer at a time. On the way out the socket is armed for EPOLLOUT
+  // exactly when work is left, and idle sockets are armed while slices wait.
   void writeSlices(SockHandler* h) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (h->writing || h->detached || failed_) return;
+      h->writing = true;
+    }
+    writeSlicesOwned(h);
+    std::lock_guard<std::mutex> lk(mu_);
+    h->writing = false;
+    if (failed_ || h->detached) return;
+    bool queued = queueHasWorkLocked();
+    setInterestLocked(h, (h->sreq || queued) ? EPOLLOUT | EPOLLIN | EPOLLRDHUP
+                                             : EPOLLIN | EPOLLRDHUP);
+    if (queued) armIdleLocked();
+  }
+
+  void writeSlicesOwned(SockHandler* h) {
     const size_t sliceBytes = net_->options().sliceBytes;
     size_t budget = 4 * sliceBytes;
     while (budget > 0) {
       if (!h->sreq) {
         std::lock_guard<std::mutex> lk(mu_);
-        if (failed_) return;
-        while (!queue_.empty() && queue_.front()->assigned >= queue_.front()->size)
-          queue_.pop_front();
-        if (queue_.empty()) {
-          setInterestLocked(h, EPOLLIN | EPOLLRDHUP);
-          return;
-        }
+        if (failed_ || !queueHasWorkLocked()) return;
         SocketRequest* r = queue_.front();
         size_t len = std::min(sliceBytes, r->size - r->assigned);
         h->sreq = r;
@@ -522,7 +561,7 @@ class SendComm : public CommBase {
       ssize_t n = sendmsg(h->fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
       if (n < 0) {
         if (errno == EINTR) continue;
-        if (wouldBlock(errno)) return;  // EPOLLOUT stays armed
+        if (wouldBlock(errno)) return;  // writeSlices arms EPOLLOUT
         std::lock_guard<std::mutex> lk(mu_);
         failLocked(tcpxRemoteError,
                    strFormat("send to %s failed: %s", peer_.c_str(), strerror(errno)));
@@ -1498,7 +1537,10 @@ tcpxResult_t SocketNet::deregMr(void*, void*) { return tcpxSuccess; }
 tcpxResult_t SocketNet::isend(void* sendComm, const void* data, size_t size, uint64_t tag,
                               void*, void** request) {
   SocketRequest* r = nullptr;
-  TCPX_CHECK(static_cast<SendComm*>(sendComm)->isend(data, size, tag, &r));
+  auto* comm = static_cast<SendComm*>(sendComm);
+  TCPX_CHECK(comm->isend(data, size, tag, &r));
+  comm->kick();
+  comm->flushNotify();
   *request = r;
   return tcpxSuccess;
 }

@@ -7,6 +7,8 @@
 #include <map>
 #include <set>
 
+#include <pthread.h>
+
 #include "common/logging.h"
 #include "common/utils.h"
 
@@ -82,13 +84,21 @@ struct Communicator::Impl {
     std::string recvError;  // the receive side of this link failed
   };
 
-  enum SlotState : uint8_t { kSlotIdle, kSlotPosted, kSlotArrived };
-  struct Slot {
-    AlignedBuf buf{nullptr, freeAligned};
+  static constexpr Schedule::StepId kNoStep = UINT32_MAX;
+  // A receive posted on a collective connection, in net order. It lands in
+  // a bounce buffer (slot >= 0) or, once the operation's first message from
+  // that peer has been checked, straight in a copy step's destination.
+  enum HolderState : uint8_t { kHolderPosted, kHolderArrived, kHolderFailed };
+  struct Holder {
+    int slot = -1;                    // bounce buffer index, or -1: direct
+    Schedule::StepId step = kNoStep;  // direct: the step whose destination it is
+    char* buf = nullptr;
+    size_t capacity = 0;
     void* req = nullptr;
-    SlotState state = kSlotIdle;
+    HolderState state = kHolderPosted;
     size_t size = 0;
     uint64_t tag = 0;
+    std::shared_ptr<Task> keep;       // direct: keeps the destination alive
   };
 
   struct P2PSendOp {
@@ -117,9 +127,11 @@ struct Communicator::Impl {
 
   struct Peer {
     Link links[kNumLinks];
-    // Collective bounce buffers, posted in ring order; slotHead is the oldest.
-    std::vector<Slot> slots;
-    size_t slotHead = 0;
+    // Collective receives in net order (front = next message), and the
+    // bounce buffers they may use.
+    std::deque<Holder> holders;
+    std::vector<AlignedBuf> slots;
+    std::vector<int> freeSlots;
     // Point-to-point, send side: operations in issue order.
     std::deque<std::unique_ptr<P2PSendOp>> p2pSends;
     // Point-to-point, receive side.
@@ -275,14 +287,12 @@ struct Communicator::Impl {
         if (peers[p].links[li].connecting && ensureSend(static_cast<int>(p), li) == 1)
           progressed = true;
     // ABORT messages that were waiting for a connection.
-    for (size_t i = 0; i < pendingAborts.size() && !abortedLocal;) {
-      PendingAbort& pa = pendingAborts[i];
-      if (ensureSend(pa.peer, kCollLink) != 1) {
-        i++;
-        continue;
-      }
-      postAbort(pa.peer, pa.tag, pa.payload, nullptr);
-      pendingAborts.erase(pendingAborts.begin() + static_cast<long>(i));
+    std::set<int> waitingPeers;
+    for (const PendingAbort& pa : pendingAborts) waitingPeers.insert(pa.peer);
+    for (int p : waitingPeers) {
+      if (abortedLocal) break;
+      if (ensureSend(p, kCollLink) != 1) continue;
+      flushPendingAborts(p);
       progressed = true;
     }
     return progressed;
@@ -308,53 +318,99 @@ struct Communicator::Impl {
       TCPX_INFO(kLogTransport, "%s: accepted %s connection from rank %d", who().c_str(),
                 pi.connIndex == kCollLink ? "collective" : "point-to-point", src);
       if (pi.connIndex == kCollLink) {
-        peer.slots.resize(static_cast<size_t>(opts.buffers));
-        for (Slot& s : peer.slots) {
-          s.buf = allocAligned(chunkBytes);
-          if (!s.buf) {
+        for (int i = 0; i < opts.buffers; i++) {
+          peer.slots.push_back(allocAligned(chunkBytes));
+          if (!peer.slots.back()) {
             hardFail(tcpxSystemError, "out of memory for bounce buffers");
             return true;
           }
-          postSlot(src, s);
+          peer.freeSlots.push_back(i);
         }
+        while (static_cast<int>(peer.holders.size()) < opts.buffers) postTail(src);
       }
     }
     return progressed;
   }
 
-  void postSlot(int p, Slot& s) {
-    Link& l = peers[p].links[kCollLink];
-    void* data = s.buf.get();
-    size_t size = chunkBytes;
-    uint64_t tag = 0;
-    void* mh = nullptr;
-    s.req = nullptr;
-    s.state = kSlotIdle;
-    if (!l.recvError.empty()) return;
-    if (net->irecv(l.recvComm, 1, &data, &size, &tag, &mh, &s.req) != tcpxSuccess || !s.req) {
-      l.recvError = lastError().empty() ? "receive could not be posted" : lastError();
-      return;
+  // Posts the next receive on p's collective connection. It lands straight
+  // in the destination when the message it will match is known: the running
+  // collective has already taken a checked message from p (so everything
+  // behind it belongs to this operation, in schedule order), the step is a
+  // plain copy, and the step may write now. Otherwise: a bounce buffer.
+  void postTail(int p) {
+    Peer& peer = peers[p];
+    Link& l = peer.links[kCollLink];
+    Holder h;
+    if (active) {
+      const PeerSteps* ps = findSteps(p);
+      size_t idx = ps ? ps->recvNext + peer.holders.size() : 0;
+      if (ps && ps->recvNext > 0 && idx < ps->recvs.size()) {
+        Schedule::StepId st = ps->recvs[idx];
+        const Schedule::Step& step = active->sched.step(st);
+        if (step.type == Schedule::StepType::kRecvCopy && active->waiting[st] == 0) {
+          h.step = st;
+          h.buf = step.buf;
+          h.capacity = step.bytes;
+          h.keep = active->task;
+        }
+      }
     }
-    s.state = kSlotPosted;
+    if (h.step == kNoStep) {
+      if (peer.freeSlots.empty()) return;  // cannot happen: one slot per holder at most
+      h.slot = peer.freeSlots.back();
+      peer.freeSlots.pop_back();
+      h.buf = peer.slots[h.slot].get();
+      h.capacity = chunkBytes;
+    }
+    if (!l.recvError.empty()) {
+      h.state = kHolderFailed;
+    } else {
+      void* data = h.buf;
+      size_t size = h.capacity;
+      uint64_t tag = 0;
+      void* mh = nullptr;
+      if (net->irecv(l.recvComm, 1, &data, &size, &tag, &mh, &h.req) != tcpxSuccess || !h.req) {
+        l.recvError = lastError().empty() ? "receive could not be posted" : lastError();
+        h.req = nullptr;
+        h.state = kHolderFailed;
+      }
+    }
+    peer.holders.push_back(std::move(h));
   }
 
-  // Tests posted bounce buffers of every peer; drops leftovers of failed
-  // operations at the head of each ring.
+  // Retires the front holder (its message consumed or dropped) and posts the next.
+  void popHead(int p) {
+    Peer& peer = peers[p];
+    Holder& h = peer.holders.front();
+    if (h.slot >= 0) peer.freeSlots.push_back(h.slot);
+    peer.holders.pop_front();
+    postTail(p);
+  }
+
+  const PeerSteps* findSteps(int p) const {
+    if (!active) return nullptr;
+    for (const PeerSteps& ps : active->peerSteps)
+      if (ps.peer == p) return &ps;
+    return nullptr;
+  }
+
+  // Tests the posted collective receives of every peer; drops leftovers of
+  // failed operations at the front of each queue.
   bool pollArrivals() {
     bool progressed = false;
     for (size_t p = 0; p < peers.size() && !abortedLocal; p++) {
       Peer& peer = peers[p];
       Link& l = peer.links[kCollLink];
-      if (!l.recvComm || peer.slots.empty()) continue;
-      for (Slot& s : peer.slots) {
-        if (s.state != kSlotPosted) continue;
+      if (!l.recvComm) continue;
+      for (Holder& h : peer.holders) {
+        if (h.state != kHolderPosted) continue;
         int done = 0;
         size_t size = 0;
         uint64_t tag = 0;
-        tcpxResult_t r = net->test(s.req, &done, &size, &tag);
+        tcpxResult_t r = net->test(h.req, &done, &size, &tag);
         if (r != tcpxSuccess) {
-          s.req = nullptr;
-          s.state = kSlotIdle;
+          h.req = nullptr;
+          h.state = kHolderFailed;
           if (l.recvError.empty()) {
             l.recvError = lastError();
             TCPX_INFO(kLogTransport, "%s: collective connection from rank %zu lost: %s",
@@ -364,32 +420,23 @@ struct Communicator::Impl {
           continue;
         }
         if (!done) continue;
-        s.req = nullptr;
-        s.state = kSlotArrived;
-        s.size = size;
-        s.tag = tag;
+        h.req = nullptr;
+        h.state = kHolderArrived;
+        h.size = size;
+        h.tag = tag;
         progressed = true;
       }
       // Leftovers of operations this rank has finished (failed ones) are dropped.
-      for (size_t k = 0; k < peer.slots.size(); k++) {
-        Slot& head = peer.slots[peer.slotHead];
-        if (head.state != kSlotArrived) break;
-        MsgHeader h = MsgHeader::unpack(head.tag);
+      while (!peer.holders.empty() && peer.holders.front().state == kHolderArrived) {
+        MsgHeader h = MsgHeader::unpack(peer.holders.front().tag);
         if (h.kind == OpKind::kP2P || seqDiff(h.seq, curSeq) >= 0) break;
         TCPX_TRACE(kLogTransport, "%s: dropping a leftover message of collective #%u from rank %zu",
                    who().c_str(), h.seq, p);
-        releaseHeadSlot(static_cast<int>(p));
+        popHead(static_cast<int>(p));
         progressed = true;
       }
     }
     return progressed;
-  }
-
-  void releaseHeadSlot(int p) {
-    Peer& peer = peers[p];
-    Slot& s = peer.slots[peer.slotHead];
-    postSlot(p, s);
-    peer.slotHead = (peer.slotHead + 1) % peer.slots.size();
   }
 
   // ----------------------------------------------------------- collectives
@@ -495,6 +542,7 @@ struct Communicator::Impl {
         int c = ensureSend(p, kCollLink);
         if (c < 0) return true;
         if (c == 0) break;
+        if (!pendingAborts.empty()) flushPendingAborts(p);
         const Schedule::Step& st = a.sched.step(s);
         void* req = nullptr;
         tcpxResult_t r = net->isend(peers[p].links[kCollLink].sendComm, st.buf, st.bytes,
@@ -515,9 +563,9 @@ struct Communicator::Impl {
         Schedule::StepId s = ps.recvs[ps.recvNext];
         if (a.waiting[s] > 0) break;
         Link& l = peer.links[kCollLink];
-        if (peer.slots.empty()) break;
-        Slot& slot = peer.slots[peer.slotHead];
-        if (slot.state != kSlotArrived) {
+        if (peer.holders.empty()) break;
+        Holder& slot = peer.holders.front();
+        if (slot.state != kHolderArrived) {
           if (!l.recvError.empty()) {
             hardFail(tcpxRemoteError, strFormat("%s: connection from rank %d lost: %s", collName().c_str(), p,
                                l.recvError.c_str()));
@@ -540,7 +588,7 @@ struct Communicator::Impl {
               "collectives or different roots)",
               p, collName().c_str(), p, h.seq);
         } else if (h.flags & kMsgAbort) {
-          std::string reason(slot.buf.get(), std::min(slot.size, chunkBytes));
+          std::string reason(slot.buf, std::min(slot.size, slot.capacity));
           err = strFormat("%s failed on a peer: %s", collName().c_str(), reason.c_str());
           code = tcpxRemoteError;
         } else if (!h.sameOp(a.sched.header)) {
@@ -556,16 +604,24 @@ struct Communicator::Impl {
           failActive(code, err);
           return true;
         }
-        if (st.type == Schedule::StepType::kRecvCopy) {
-          if (st.bytes) memcpy(st.buf, slot.buf.get(), st.bytes);
+        if (slot.slot < 0) {
+          // Received in place; by construction it is this very step's message.
+          if (slot.step != s) {
+            hardFail(tcpxInternalError,
+                     strFormat("%s: a direct receive from rank %d matched step %u, expected %u",
+                               collName().c_str(), p, slot.step, s));
+            return true;
+          }
+        } else if (st.type == Schedule::StepType::kRecvCopy) {
+          if (st.bytes) memcpy(st.buf, slot.buf, st.bytes);
         } else {
           size_t esz = dataTypeSize(a.sched.header.dtype);
-          a.sched.reduceFn(st.buf, slot.buf.get(), st.bytes / esz, a.sched.header.dtype,
+          a.sched.reduceFn(st.buf, slot.buf, st.bytes / esz, a.sched.header.dtype,
                            a.sched.header.redop);
         }
-        releaseHeadSlot(p);
-        stepDone(s);
         ps.recvNext++;
+        popHead(p);
+        stepDone(s);
         progressed = true;
       }
     }
@@ -581,30 +637,64 @@ struct Communicator::Impl {
     complete(task, r, r == tcpxSuccess ? "" : lastError());
   }
 
-  // The running collective failed on this rank: tell the peers (ABORT), hand
-  // its in-flight sends to the draining list, and move on.
+  // The running collective failed on this rank. Every peer still expecting
+  // messages from this rank in this operation gets exactly that many ABORT
+  // messages (the first carries the reason): its receives, some of which may
+  // already point into its tensors, then match one for one and the streams
+  // stay in step. Other connected peers get one ABORT, in case they see the
+  // operation differently. In-flight sends move to the draining list, which
+  // keeps the task (and its tensors) alive until the net lets go.
   void failActive(tcpxResult_t code, const std::string& msg) {
     ActiveColl& a = *active;
     TCPX_INFO(kLogColl, "%s: %s", who().c_str(), msg.c_str());
     auto task = a.task;
     auto payload = std::make_shared<std::string>(strFormat("rank %d: %s", opts.rank, msg.c_str()));
     if (payload->size() > chunkBytes) payload->resize(chunkBytes);
+    static const auto kEmpty = std::make_shared<std::string>();
     MsgHeader h = a.sched.header;
     h.flags = kMsgAbort;
-    std::set<int> targets;
-    for (auto& ps : a.peerSteps)
-      if (!ps.sends.empty()) targets.insert(ps.peer);
-    for (size_t p = 0; p < peers.size(); p++)
-      if (peers[p].links[kCollLink].sendComm) targets.insert(static_cast<int>(p));
-    for (auto& ps : a.peerSteps)
+    std::set<int> told;
+    for (auto& ps : a.peerSteps) {
       for (auto& f : ps.inflight) draining.push_back({f.second, task, nullptr});
-    for (int p : targets) {
-      if (peers[p].links[kCollLink].sendComm) postAbort(p, h.pack(), payload, task);
-      else pendingAborts.push_back({p, h.pack(), payload});
+      ps.inflight.clear();
+      size_t remaining = ps.sends.size() - ps.sendNext;
+      for (size_t i = 0; i < remaining; i++) queueAbort(ps.peer, h.pack(), i == 0 ? payload : kEmpty);
+      ps.sendNext = ps.sends.size();
+      if (remaining) told.insert(ps.peer);
     }
+    for (size_t p = 0; p < peers.size(); p++)
+      if (peers[p].links[kCollLink].sendComm && !told.count(static_cast<int>(p)))
+        queueAbort(static_cast<int>(p), h.pack(), payload);
     active.reset();
     curSeq++;
     complete(task, code, msg);
+  }
+
+  void queueAbort(int p, uint64_t tag, const std::shared_ptr<std::string>& payload) {
+    if (peers[p].links[kCollLink].sendComm && !hasPendingAborts(p)) {
+      postAbort(p, tag, payload, nullptr);
+      return;
+    }
+    pendingAborts.push_back({p, tag, payload});
+    ensureSend(p, kCollLink);  // starts connecting if needed
+  }
+
+  bool hasPendingAborts(int p) const {
+    for (const PendingAbort& pa : pendingAborts)
+      if (pa.peer == p) return true;
+    return false;
+  }
+
+  // ABORTs queued for p go out before anything else sent to p.
+  void flushPendingAborts(int p) {
+    for (size_t i = 0; i < pendingAborts.size();) {
+      if (pendingAborts[i].peer != p) {
+        i++;
+        continue;
+      }
+      postAbort(p, pendingAborts[i].tag, pendingAborts[i].payload, nullptr);
+      pendingAborts.erase(pendingAborts.begin() + static_cast<long>(i));
+    }
   }
 
   void postAbort(int p, uint64_t tag, const std::shared_ptr<std::string>& payload,
@@ -1005,8 +1095,10 @@ struct Communicator::Impl {
       req = nullptr;
     };
     for (Peer& peer : peers) {
-      for (Slot& s : peer.slots) drop(s.req);
+      for (Holder& h : peer.holders) drop(h.req);
+      peer.holders.clear();
       peer.slots.clear();
+      peer.freeSlots.clear();
       drop(peer.p2pReq);
       for (auto& op : peer.p2pSends) {
         drop(op->hdrReq);
@@ -1050,6 +1142,7 @@ struct Communicator::Impl {
 
   // ---------------------------------------------------------------- worker
   void loop() {
+    pthread_setname_np(pthread_self(), "tcpx-worker");
     auto lastProgress = Clock::now();
     while (true) {
       uint64_t seen = events.value();

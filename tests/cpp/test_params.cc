@@ -2,11 +2,13 @@
 // valid and invalid values, and the helpers parseSize and Params::algoFor.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <string>
 
+#include <unistd.h>
 #include <sys/socket.h>
 
 #include "common/logging.h"
@@ -27,6 +29,20 @@ tcpxResult_t parseEnv(const Env& env, Params* out) {
       out);
 }
 
+TEST(Params, AutoThreads) {
+  // Half the cores per local rank, at least 1, at most 4.
+  EXPECT_EQ(autoThreads(2, 4), 1);
+  EXPECT_EQ(autoThreads(2, 2), 1);
+  EXPECT_EQ(autoThreads(2, 1), 1);
+  EXPECT_EQ(autoThreads(16, 2), 4);
+  EXPECT_EQ(autoThreads(16, 4), 2);
+  EXPECT_EQ(autoThreads(128, 8), 4);
+  EXPECT_EQ(autoThreads(1, 0), 1);
+  Params p;
+  ASSERT_EQ(parseEnv({{"LOCAL_WORLD_SIZE", "64"}}, &p), tcpxSuccess);
+  EXPECT_EQ(p.nthreads, 1);
+}
+
 TEST(Params, Defaults) {
   Params p;
   p.nsocks = 99;  // parseParams must fill every field, not keep what was there
@@ -38,11 +54,13 @@ TEST(Params, Defaults) {
   EXPECT_EQ(p.socketIfname, "");
   EXPECT_EQ(p.socketFamily, 0);
   EXPECT_EQ(p.nsocks, 2);
-  EXPECT_EQ(p.nthreads, 2);
+  // Unset: half the online cores (no LOCAL_WORLD_SIZE: one local rank), within [1, 4].
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  EXPECT_EQ(p.nthreads, static_cast<int>(std::max(1L, std::min(4L, cpus / 2))));
   EXPECT_EQ(p.nchannels, 1);
   EXPECT_EQ(p.chunkBytes, 512u * 1024);
   EXPECT_EQ(p.buffers, 8);
-  EXPECT_EQ(p.sliceBytes, 128u * 1024);
+  EXPECT_EQ(p.sliceBytes, 512u * 1024);
   EXPECT_EQ(p.inlineBytes, 16u * 1024);
   EXPECT_EQ(p.algo, "");
   EXPECT_EQ(p.algoThreshold, 64u * 1024);
