@@ -34,6 +34,12 @@ setup(
             sources=sources(),
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": ["-O3", "-Wall", "-Wno-unused-parameter"]},
+            # Some toolchains (e.g. a GCC configured without a shared libstdc++)
+            # link libstdc++ statically into the extension. Its symbols must then
+            # stay private: with Python's -Bsymbolic-functions, our functions
+            # would run against the process's libstdc++ data (locale ids) and
+            # crash in the first ostringstream. A no-op with a shared libstdc++.
+            extra_link_args=["-Wl,--exclude-libs,ALL"],
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

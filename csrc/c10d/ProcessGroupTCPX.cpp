@@ -126,7 +126,7 @@ RedOp mapRedOp(const c10d::ReduceOp& op, double* factor) {
     case c10d::ReduceOp::BOR: return RedOp::kBor;
     case c10d::ReduceOp::BXOR: return RedOp::kBxor;
     case c10d::ReduceOp::PREMUL_SUM: {
-      auto* sup = dynamic_cast<c10d::PreMulSumSupplement*>(op.supplement_.get());
+      auto* sup = dynamic_cast<c10d::NCCLPreMulSumSupplement*>(op.supplement_.get());
       TORCH_CHECK_VALUE(sup, "tcpx all_reduce: PREMUL_SUM without its factor; create it with "
                              "torch.distributed._make_nccl_premul_sum(factor)");
       if (sup->tensor_factor.defined()) {
@@ -202,6 +202,15 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
     : c10d::Backend(rank, size), timeout_(timeout), groupName_(std::move(groupName)) {
   const Params* params = nullptr;
   check(getParams(&params));
+  TORCH_CHECK_VALUE(params->net == "socket", "tcpx: TCPX_NET=", params->net,
+                    " is not available in this build (the NCCL net-plugin loader is not "
+                    "implemented yet); use TCPX_NET=socket");
+  static std::once_flag reserved;
+  std::call_once(reserved, [&] {
+    if (params->nchannels != 1 || !params->gpuNicMap.empty())
+      TCPX_WARN("TCPX_NCHANNELS and TCPX_GPU_NIC_MAP are reserved for multi-NIC striping and "
+                "have no effect in this build");
+  });
   collConfig_ = CollConfig::fromParams(*params);
   if (!globalRanks.empty() && static_cast<size_t>(rank) < globalRanks.size())
     setLogRank(static_cast<int>(globalRanks[rank]));
@@ -243,11 +252,13 @@ std::chrono::milliseconds ProcessGroupTCPX::opTimeout(std::chrono::milliseconds 
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> task,
                                                          c10::intrusive_ptr<WorkTCPX> work,
-                                                         std::chrono::milliseconds timeout) {
+                                                         std::chrono::milliseconds timeout,
+                                                         std::vector<at::Tensor> keep) {
   task->timeout = timeout;
-  // The task holds the work (and through its closures the tensors) until it
-  // completes; the work holds nothing of the task.
-  task->onComplete = [work](const TaskResult& r) { work->complete(r); };
+  // The task holds the work and the buffers the net reads or writes until the
+  // communicator lets go of it (which, after a failure, can be after the work
+  // completed); the work holds nothing of the task.
+  task->onComplete = [work, keep = std::move(keep)](const TaskResult& r) { work->complete(r); };
   comm_->enqueue(std::move(task));
   return work;
 }
@@ -271,10 +282,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce(std::vector<at::Tenso
                                             tensors, task->description,
                                             std::optional<std::vector<at::Tensor>>(tensors));
   if (!buf.is_same(t)) work->postprocess = [t, buf]() mutable { t.copy_(buf); };
-  // Keep the buffers alive until the task is done.
-  auto build = task->build;
-  task->build = [build, buf, t](Schedule* s) { return build(s); };
-  return enqueue(task, work, opTimeout(opts.timeout));
+  return enqueue(task, work, opTimeout(opts.timeout), {buf});
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tensor>& tensors,
@@ -296,9 +304,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tenso
                                             tensors, task->description,
                                             std::optional<std::vector<at::Tensor>>(tensors));
   if (!buf.is_same(t)) work->postprocess = [t, buf]() mutable { t.copy_(buf); };
-  auto build = task->build;
-  task->build = [build, buf, t](Schedule* s) { return build(s); };
-  return enqueue(task, work, opTimeout(opts.timeout));
+  return enqueue(task, work, opTimeout(opts.timeout), {buf});
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
@@ -342,11 +348,9 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
         if (!outBufs[i].is_same(users[i])) users[i].copy_(outBufs[i]);
     };
   }
-  auto build = task->build;
   std::vector<at::Tensor> keep = outBufs;
   keep.push_back(inBuf);
-  task->build = [build, keep](Schedule* s) { return build(s); };
-  return enqueue(task, work, opTimeout(opts.timeout));
+  return enqueue(task, work, opTimeout(opts.timeout), std::move(keep));
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
@@ -378,9 +382,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
     at::Tensor o = output;
     work->postprocess = [o, outBuf]() mutable { o.copy_(outBuf); };
   }
-  auto build = task->build;
-  task->build = [build, inBuf, outBuf](Schedule* s) { return build(s); };
-  return enqueue(task, work, opTimeout(opts.timeout));
+  return enqueue(task, work, opTimeout(opts.timeout), {inBuf, outBuf});
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::barrier(const c10d::BarrierOptions& opts) {
@@ -389,16 +391,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::barrier(const c10d::BarrierOpti
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::BARRIER, "tcpx:barrier",
                                             std::vector<at::Tensor>{}, task->description,
                                             std::nullopt);
-  return enqueue(task, work, opTimeout(opts.timeout));
+  return enqueue(task, work, opTimeout(opts.timeout), {});
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& tensors,
                                                       int dstRank, int tag) {
   checkSingle(tensors, "send");
-  TORCH_CHECK_VALUE(dstRank >= 0 && dstRank < size_ && dstRank != rank_,
-                    "tcpx send: destination rank ", dstRank,
-                    " is invalid: expected another rank of the group, 0 <= dst < ", size_,
-                    ", dst != ", rank_);
+  checkPeer(dstRank, "send", "destination");
   at::Tensor buf = contiguousView(tensors[0]);
   DataType dtype;
   size_t count;
@@ -408,22 +407,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& t
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::SEND, "tcpx:send", tensors,
                                             task->description,
                                             std::optional<std::vector<at::Tensor>>(tensors));
-  // The task's completion closure keeps the contiguous copy alive.
-  auto keep = buf;
-  task->onComplete = nullptr;
-  task->timeout = timeout_;
-  task->onComplete = [work, keep](const TaskResult& r) { work->complete(r); };
-  comm_->enqueue(task);
-  return work;
+  return enqueue(task, work, timeout_, {buf});
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& tensors,
                                                       int srcRank, int tag) {
   checkSingle(tensors, "recv");
-  TORCH_CHECK_VALUE(srcRank >= 0 && srcRank < size_ && srcRank != rank_,
-                    "tcpx recv: source rank ", srcRank,
-                    " is invalid: expected another rank of the group, 0 <= src < ", size_,
-                    ", src != ", rank_);
+  checkPeer(srcRank, "recv", "source");
   at::Tensor& t = tensors[0];
   at::Tensor buf = contiguousView(t);
   DataType dtype;
@@ -435,11 +425,13 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& t
                                             task->description, std::nullopt);
   work->srcRank = srcRank;
   if (!buf.is_same(t)) work->postprocess = [t, buf]() mutable { t.copy_(buf); };
-  task->timeout = timeout_;
-  auto keep = buf;
-  task->onComplete = [work, keep](const TaskResult& r) { work->complete(r); };
-  comm_->enqueue(task);
-  return work;
+  return enqueue(task, work, timeout_, {buf});
+}
+
+void ProcessGroupTCPX::checkPeer(int peer, const char* op, const char* role) const {
+  TORCH_CHECK_VALUE(peer >= 0 && peer < size_ && peer != rank_, "tcpx ", op, ": ", role,
+                    " rank ", peer, " is invalid: expected another rank of the group, 0 <= rank < ",
+                    size_, " and rank != ", rank_);
 }
 
 uint64_t ProcessGroupTCPX::getSequenceNumberForGroup() { return comm_->collectivesIssued(); }

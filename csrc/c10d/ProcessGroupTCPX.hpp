@@ -88,11 +88,15 @@ class ProcessGroupTCPX : public c10d::Backend {
   void shutdown() override;
 
  private:
-  // Enqueues `task`, completing `work` from the worker.
+  // Enqueues `task`, completing `work` from the worker; `keep` are the
+  // buffers the task reads or writes (kept alive as long as the task).
   c10::intrusive_ptr<c10d::Work> enqueue(std::shared_ptr<Task> task,
                                          c10::intrusive_ptr<WorkTCPX> work,
-                                         std::chrono::milliseconds timeout);
+                                         std::chrono::milliseconds timeout,
+                                         std::vector<at::Tensor> keep);
   std::chrono::milliseconds opTimeout(std::chrono::milliseconds requested) const;
+  // ValueError unless `peer` is another rank of the group.
+  void checkPeer(int peer, const char* op, const char* role) const;
 
   std::unique_ptr<Communicator> comm_;
   CollConfig collConfig_;

@@ -49,9 +49,11 @@ void buildRingAllreduce(Schedule* s, char* buf, size_t count, size_t esz) {
     lastSend[seg].assign(chunks[seg].size(), none);
   }
 
-  // Reduce-scatter.
-  for (int k = 0; k < n - 1; k++) {
-    int sseg = mod(r - k), rseg = mod(r - k - 1);
+  // One round: send segment sseg to the successor and receive segment rseg
+  // from the predecessor (reduced into place in reduce-scatter, copied in
+  // all-gather). A chunk goes out only after the last receive into it, and a
+  // receive into a chunk waits for the last send from it.
+  auto round = [&](int sseg, int rseg, bool reduce) {
     for (size_t c = 0; c < chunks[sseg].size(); c++) {
       const Chunk& ch = chunks[sseg][c];
       auto id = s->send(next, ptr(ch), ch.len * esz);
@@ -60,28 +62,14 @@ void buildRingAllreduce(Schedule* s, char* buf, size_t count, size_t esz) {
     }
     for (size_t c = 0; c < chunks[rseg].size(); c++) {
       const Chunk& ch = chunks[rseg][c];
-      auto id = s->recvReduce(prev, ptr(ch), ch.len * esz);
+      auto id = reduce ? s->recvReduce(prev, ptr(ch), ch.len * esz)
+                       : s->recv(prev, ptr(ch), ch.len * esz);
       if (lastSend[rseg][c] != none) s->after(id, static_cast<Schedule::StepId>(lastSend[rseg][c]));
       lastRecv[rseg][c] = id;
     }
-  }
-  // All-gather.
-  for (int k = 0; k < n - 1; k++) {
-    int sseg = mod(r + 1 - k), rseg = mod(r - k);
-    for (size_t c = 0; c < chunks[sseg].size(); c++) {
-      const Chunk& ch = chunks[sseg][c];
-      auto id = s->send(next, ptr(ch), ch.len * esz);
-      if (lastRecv[sseg][c] != none) s->after(id, static_cast<Schedule::StepId>(lastRecv[sseg][c]));
-      lastSend[sseg][c] = id;
-    }
-    for (size_t c = 0; c < chunks[rseg].size(); c++) {
-      const Chunk& ch = chunks[rseg][c];
-      // Overwrites data this rank sent in reduce-scatter round k.
-      auto id = s->recv(prev, ptr(ch), ch.len * esz);
-      if (lastSend[rseg][c] != none) s->after(id, static_cast<Schedule::StepId>(lastSend[rseg][c]));
-      lastRecv[rseg][c] = id;
-    }
-  }
+  };
+  for (int k = 0; k < n - 1; k++) round(mod(r - k), mod(r - k - 1), /*reduce=*/true);
+  for (int k = 0; k < n - 1; k++) round(mod(r + 1 - k), mod(r - k), /*reduce=*/false);
 }
 
 }  // namespace tcpx

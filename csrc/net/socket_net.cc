@@ -1579,20 +1579,21 @@ tcpxResult_t SocketNet::test(void* request, int* done, size_t* size, uint64_t* t
   return tcpxSuccess;
 }
 
-tcpxResult_t SocketNet::closeSend(void* sendComm) {
-  auto* c = static_cast<SendComm*>(sendComm);
-  c->closeAll("the send connection was closed locally");
+namespace {
+tcpxResult_t closeComm(CommBase* c, const char* why) {
+  c->closeAll(why);
   c->flushNotify();
   delete c;
   return tcpxSuccess;
 }
+}  // namespace
+
+tcpxResult_t SocketNet::closeSend(void* sendComm) {
+  return closeComm(static_cast<SendComm*>(sendComm), "the send connection was closed locally");
+}
 
 tcpxResult_t SocketNet::closeRecv(void* recvComm) {
-  auto* c = static_cast<RecvComm*>(recvComm);
-  c->closeAll("the receive connection was closed locally");
-  c->flushNotify();
-  delete c;
-  return tcpxSuccess;
+  return closeComm(static_cast<RecvComm*>(recvComm), "the receive connection was closed locally");
 }
 
 tcpxResult_t SocketNet::closeListen(void* listenComm) {

@@ -335,3 +335,46 @@ def test_peer_death(mode):
             problems.append(f"rank {r.rank}: error only after {elapsed:.1f} s "
                             f"(timeout {PEER_DEATH_TIMEOUT_S} s): {exc_type}: {msg!r}")
     assert not problems, "\n".join(problems)
+
+
+GROUP_TIMEOUT_S = 5.0
+
+
+def rank_missing_peer(rank, ws, *, absent):
+    """Every rank but `absent` runs an all_reduce that `absent` never joins."""
+    if rank == absent:
+        return ("absent", "", "", 0.0)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1000))
+    except RuntimeError as exc:
+        return ("RuntimeError", type(exc).__name__, str(exc)[:500], time.monotonic() - start)
+    except Exception as exc:  # noqa: BLE001
+        return ("other", type(exc).__name__, str(exc)[:500], time.monotonic() - start)
+    return ("nothing", "", "", time.monotonic() - start)
+
+
+@skip_if_gloo("gloo's timeout message differs; the property is tcpx's")
+@pytest.mark.timeout(120)
+def test_group_timeout_honoured():
+    """A collective that a rank never joins fails with a timeout error after the group's timeout."""
+    with RankPool(3, BACKEND, timeout_s=GROUP_TIMEOUT_S, name="group-timeout") as pool:
+        results = pool.run_raw(rank_missing_peer, timeout=90, error_grace_s=None, absent=2)
+        pool.mark_broken("the group was aborted on purpose", keep_logs=False)
+    problems = []
+    for r in results:
+        if r.rank == 2:
+            continue
+        if r.status != "ok":
+            problems.append(f"rank {r.rank}: rank function failed: {r.exc_type}: {r.message}")
+            continue
+        kind, exc_type, msg, elapsed = r.value
+        if kind != "RuntimeError" or "timed out" not in msg:
+            problems.append(f"rank {r.rank}: expected a 'timed out' RuntimeError, got {kind} "
+                            f"{exc_type} {msg!r}")
+        # Not before the timeout, and not long after it (slack for a loaded machine; the
+        # rank that times out first aborts, which fails its neighbours at once).
+        elif not (GROUP_TIMEOUT_S * 0.5 <= elapsed <= GROUP_TIMEOUT_S + 8):
+            problems.append(f"rank {r.rank}: error after {elapsed:.1f} s, timeout "
+                            f"{GROUP_TIMEOUT_S} s: {msg!r}")
+    assert not problems, "\n".join(problems)

@@ -54,3 +54,35 @@ def test_torchrun():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"torchrun exited with {proc.returncode}:\n{out[-6000:]}"
     assert out.count(": ok") == 2, f"not every worker reported ok:\n{out[-6000:]}"
+
+
+_INIT_ONE_RANK = """
+import socket, sys, torch.distributed as dist
+import torch_tcpx
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+try:
+    dist.init_process_group("tcpx", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+except ValueError as e:
+    print("ValueError:", e)
+    sys.exit(3)
+print("initialised")
+"""
+
+
+@pytest.mark.skipif(BACKEND != "tcpx", reason="TCPX_* configuration is tcpx's")
+@pytest.mark.parametrize("env, names", [
+    ({"TCPX_NSOCKS": "abc"}, ["TCPX_NSOCKS", "abc", "[1, 64]"]),
+    ({"TCPX_CHUNK_BYTES": "1K"}, ["TCPX_CHUNK_BYTES", "1K"]),
+    ({"TCPX_ALGO": "allreduce:tree"}, ["TCPX_ALGO", "tree"]),
+    ({"TCPX_SOCKET_IFNAME": "=no-such-interface"}, ["TCPX_SOCKET_IFNAME", "no-such-interface"]),
+    ({"TCPX_NET": "plugin"}, ["TCPX_NET", "plugin"]),
+])
+def test_bad_configuration_is_value_error(env, names):
+    """An invalid TCPX_* setting makes init_process_group raise ValueError naming it."""
+    full = dict(os.environ, **env)
+    proc = subprocess.run([sys.executable, "-c", _INIT_ONE_RANK], env=full, capture_output=True,
+                          text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, f"expected ValueError (exit 3), got {proc.returncode}:\n{out}"
+    missing = [n for n in names if n not in out]
+    assert not missing, f"the error does not name {missing}:\n{out}"
