@@ -223,3 +223,29 @@ TEST(Communicator, PeerAbortFailsOthersQuickly) {
 
 }  // namespace
 }  // namespace tcpx
+
+namespace tcpx {
+namespace {
+
+TEST(Communicator, BootstrapIsBoundedByTheTimeout) {
+  // Rank 1 of 2 whose rank 0 never starts: the bootstrap read from the store
+  // must give up after the timeout with tcpxTimeout, not hang.
+  auto net = testing::makeLoopbackNet();
+  CommOptions o;
+  o.rank = 1;
+  o.nranks = 2;
+  o.timeout = std::chrono::milliseconds(500);
+  o.store = std::make_shared<testing::MemStore>();
+  o.net = net.get();
+  std::unique_ptr<Communicator> comm;
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(Communicator::create(o, &comm), tcpxTimeout);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_GE(secs, 0.4);
+  EXPECT_LT(secs, 5.0);
+  EXPECT_NE(lastError().find("bootstrap"), std::string::npos) << lastError();
+  EXPECT_EQ(comm, nullptr);
+}
+
+}  // namespace
+}  // namespace tcpx
