@@ -65,7 +65,6 @@ struct Communicator::Impl {
   bool workerDone = false;
 
   // ---- worker-only state ----
-  Communicator* self = nullptr;
   CommOptions opts;
   Net* net = nullptr;
   size_t chunkBytes = 0;
@@ -1211,7 +1210,6 @@ tcpxResult_t Communicator::create(const CommOptions& opts, std::unique_ptr<Commu
 
 tcpxResult_t Communicator::bootstrap() {
   Impl& im = *impl_;
-  im.self = this;
   im.opts = opts_;
   im.net = opts_.net;
   im.peers = std::vector<Impl::Peer>(static_cast<size_t>(opts_.nranks));

@@ -89,6 +89,28 @@ void setSecret(uint8_t* s, uint8_t seed) {
   for (int i = 0; i < kGroupSecretBytes; i++) s[i] = static_cast<uint8_t>(seed * 31 + i * 7 + 1);
 }
 
+// A listener's handshake data: the group secret made from `secretSeed` and
+// the listener's rank.
+NetListenInfo listenInfo(uint8_t secretSeed, uint32_t rank) {
+  NetListenInfo li;
+  setSecret(li.secret, secretSeed);
+  li.rank = rank;
+  return li;
+}
+
+// What a connector sends: the group secret made from `secretSeed` (as in
+// listenInfo()), its rank, the rank it means to reach, and which of the
+// pair's connections this is.
+NetConnectInfo connectInfo(uint8_t secretSeed, uint32_t srcRank, uint32_t dstRank,
+                           uint32_t connIndex) {
+  NetConnectInfo ci;
+  setSecret(ci.secret, secretSeed);
+  ci.srcRank = srcRank;
+  ci.dstRank = dstRank;
+  ci.connIndex = connIndex;
+  return ci;
+}
+
 std::unique_ptr<SocketNet> makeNet(int nsocks, size_t sliceBytes, size_t inlineBytes,
                                    int handshakeTimeoutMs = 30000, int nthreads = 2) {
   SocketNetOptions o;
@@ -138,6 +160,29 @@ std::string describe(const Outcome& o) {
   if (!o.finished) return "still pending after the wait bound";
   return std::string("rc=") + resultName(o.rc) + " size=" + std::to_string(o.size) +
          " tag=" + std::to_string(o.tag) + (o.error.empty() ? "" : " error='" + o.error + "'");
+}
+
+// Success when the request finished without error; otherwise the failure
+// says how it ended (describe()).
+::testing::AssertionResult succeeded(const Outcome& o) {
+  if (o.finished && o.rc == tcpxSuccess) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << describe(o);
+}
+
+// Receive `r` delivered message `want`, sent with `tag`, into `got`: checks
+// the tag and the bytes, and says which differ. (Whether the receive
+// succeeded is checked apart, with succeeded().)
+::testing::AssertionResult delivered(const Outcome& r, const std::vector<uint8_t>& got,
+                                     const std::vector<uint8_t>& want, uint64_t tag) {
+  if (got.size() < want.size())
+    return ::testing::AssertionFailure() << "receive buffer smaller than the message";
+  std::string why;
+  if (r.tag != tag)
+    why = "tag " + std::to_string(r.tag) + ", sent with " + std::to_string(tag) + "; ";
+  long long diff = firstDiff(got.data(), want.data(), want.size());
+  if (diff >= 0) why += "bytes differ from offset " + std::to_string(diff);
+  if (why.empty()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << why;
 }
 
 // Polls test() until the request is done or failed, or `bound` passes.
@@ -253,6 +298,35 @@ tcpxResult_t acceptLoop(Net* net, void* listenComm, EventCounter* ev, void** rec
   }
 }
 
+// listen() on device 0 of `net`; a null `net` (makeNet failed) fails too.
+::testing::AssertionResult listenOn(Net* net, const NetListenInfo& li, NetHandle* handle,
+                                    void** listenComm) {
+  if (!net) return ::testing::AssertionFailure() << "no net to listen on";
+  tcpxResult_t r = net->listen(0, li, handle, listenComm);
+  if (r != tcpxSuccess)
+    return ::testing::AssertionFailure() << "listen: " << resultName(r) << " " << lastError();
+  return ::testing::AssertionSuccess();
+}
+
+// One more connection to an open listener, made in turn on this thread:
+// connectLoop() with a copy of `handle`, then acceptLoop() on `listenComm`
+// (neither with an EventCounter). Gives both comms and what accept() said
+// of the connector; fails naming the step that did, a connection that was
+// not accepted within the bound included.
+::testing::AssertionResult connectAccept(Net* net, const NetHandle& handle,
+                                         const NetConnectInfo& info, void* listenComm,
+                                         void** sendComm, void** recvComm, NetConnectInfo* peer) {
+  NetHandle h = handle;
+  tcpxResult_t r = connectLoop(net, &h, info, nullptr, sendComm);
+  if (r != tcpxSuccess)
+    return ::testing::AssertionFailure() << "connect: " << resultName(r) << " " << lastError();
+  r = acceptLoop(net, listenComm, nullptr, recvComm, peer);
+  if (r != tcpxSuccess)
+    return ::testing::AssertionFailure() << "accept: " << resultName(r) << " " << lastError();
+  if (!*recvComm) return ::testing::AssertionFailure() << "connection not accepted";
+  return ::testing::AssertionSuccess();
+}
+
 // One connection: listener (rank 0) and connector (rank 1), set up by two
 // threads. Closes whatever is still open when it goes.
 struct Link {
@@ -274,21 +348,17 @@ struct Link {
 };
 
 // Sets up `l` over `net`; ASSERTs (in the caller) through the returned flag.
+// A null `net` (makeNet failed) fails it.
 ::testing::AssertionResult openLink(Net* net, Link* l, uint32_t srcRank = 1,
                                     uint32_t dstRank = 0, uint32_t connIndex = 0,
                                     Net* sendNet = nullptr) {
   l->net = net;
   l->sendNet = sendNet ? sendNet : net;
-  NetListenInfo li;
-  setSecret(li.secret, 7);
-  li.rank = dstRank;
+  NetListenInfo li = listenInfo(7, dstRank);
   li.events = &l->listenEv;
-  if (net->listen(0, li, &l->handle, &l->listen) != tcpxSuccess)
-    return ::testing::AssertionFailure() << "listen: " << lastError();
-  setSecret(l->sent.secret, 7);
-  l->sent.srcRank = srcRank;
-  l->sent.dstRank = dstRank;
-  l->sent.connIndex = connIndex;
+  ::testing::AssertionResult listening = listenOn(net, li, &l->handle, &l->listen);
+  if (!listening) return listening;
+  l->sent = connectInfo(7, srcRank, dstRank, connIndex);
   tcpxResult_t crc = tcpxSuccess, arc = tcpxSuccess;
   std::string cerr;
   std::thread connector([&] {
@@ -302,6 +372,38 @@ struct Link {
   if (arc != tcpxSuccess || !l->recv)
     return ::testing::AssertionFailure() << "accept: " << resultName(arc) << " " << lastError();
   return ::testing::AssertionSuccess();
+}
+
+// One message `src` from `sendComm` to `recvComm`, the receive's capacity
+// being dst's size: posts the receive and then the send (the send first with
+// `sendFirst`), then waits for the send and then the receive; *so and *ro say
+// how they ended. Fails, naming the call, if a post fails (nothing is waited
+// for then).
+::testing::AssertionResult transferOne(Net* sendNet, void* sendComm, EventCounter* sendEv,
+                                       Net* recvNet, void* recvComm, EventCounter* recvEv,
+                                       const std::vector<uint8_t>& src, std::vector<uint8_t>* dst,
+                                       uint64_t tag, Outcome* so, Outcome* ro,
+                                       bool sendFirst = false) {
+  void* sq = nullptr;
+  void* rq = nullptr;
+  for (bool sendNow : {sendFirst, !sendFirst}) {
+    tcpxResult_t r = sendNow ? postSend(sendNet, sendComm, src.data(), src.size(), tag, &sq)
+                             : postRecv(recvNet, recvComm, dst->data(), dst->size(), &rq);
+    if (r != tcpxSuccess)
+      return ::testing::AssertionFailure()
+             << (sendNow ? "isend: " : "irecv: ") << resultName(r) << " " << lastError();
+  }
+  *so = waitRequest(sendNet, sq, sendEv);
+  *ro = waitRequest(recvNet, rq, recvEv);
+  return ::testing::AssertionSuccess();
+}
+
+// The same over `l`, with its EventCounters.
+::testing::AssertionResult transferOne(Link& l, const std::vector<uint8_t>& src,
+                                       std::vector<uint8_t>* dst, uint64_t tag, Outcome* so,
+                                       Outcome* ro) {
+  return transferOne(l.sendNet, l.send, &l.sendEv, l.net, l.recv, &l.recvEv, src, dst, tag, so,
+                     ro);
 }
 
 // Listening sockets of this process (found through /proc/self/fd): lets a
@@ -495,7 +597,6 @@ TEST(SocketNet, DevicesPropertiesAndArgumentChecks) {
 
 TEST(SocketNet, ConnectAcceptReturnsPeerInfo) {
   auto net = makeNet(3, 64 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l, /*srcRank=*/5, /*dstRank=*/2, /*connIndex=*/77));
   EXPECT_EQ(l.peer.srcRank, 5u);
@@ -504,15 +605,13 @@ TEST(SocketNet, ConnectAcceptReturnsPeerInfo) {
   EXPECT_EQ(memcmp(l.peer.secret, l.sent.secret, kGroupSecretBytes), 0);
   // The handle's stage bytes are consumed once connect() finished: the
   // public part is still usable by another connector.
-  NetHandle h2 = l.handle;
   NetConnectInfo ci = l.sent;
   ci.connIndex = 78;
   void* sc2 = nullptr;
-  ASSERT_EQ(connectLoop(net.get(), &h2, ci, nullptr, &sc2), tcpxSuccess) << lastError();
   void* rc2 = nullptr;
   NetConnectInfo peer2;
-  ASSERT_EQ(acceptLoop(net.get(), l.listen, nullptr, &rc2, &peer2), tcpxSuccess);
-  ASSERT_NE(rc2, nullptr) << "second connection not accepted";
+  ASSERT_TRUE(connectAccept(net.get(), l.handle, ci, l.listen, &sc2, &rc2, &peer2))
+      << "second connection";
   EXPECT_EQ(peer2.connIndex, 78u);
   EXPECT_EQ(net->closeSend(sc2), tcpxSuccess);
   EXPECT_EQ(net->closeRecv(rc2), tcpxSuccess);
@@ -523,7 +622,6 @@ TEST(SocketNet, ConnectAcceptReturnsPeerInfo) {
 TEST(SocketNet, SendRecvSizes) {
   const size_t kSlice = 64 * 1024, kInline = 4 * 1024;
   auto net = makeNet(3, kSlice, kInline);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const std::vector<size_t> sizes = {0,           1,          kInline - 1,           kInline,
@@ -554,9 +652,9 @@ TEST(SocketNet, SendRecvSizes) {
       });
       sender.join();
       receiver.join();
-      ASSERT_TRUE(so.finished && so.rc == tcpxSuccess) << "send of " << size << ": " << describe(so);
+      ASSERT_TRUE(succeeded(so)) << "send of " << size;
       EXPECT_EQ(so.size, size) << "send size reported";
-      ASSERT_TRUE(ro.finished && ro.rc == tcpxSuccess) << "recv of " << size << ": " << describe(ro);
+      ASSERT_TRUE(succeeded(ro)) << "recv of " << size;
       EXPECT_EQ(ro.size, size) << "recv reports the sender's size (capacity " << capacity << ")";
       EXPECT_EQ(ro.tag, tag) << "recv reports the sender's 64-bit tag, size " << size;
       EXPECT_EQ(firstDiff(dst.data(), src.data(), size), -1) << "payload of size " << size;
@@ -587,16 +685,12 @@ TEST(SocketNet, Ipv6Loopback) {
   EXPECT_EQ(l.peer.connIndex, 9u);
   for (size_t size : {size_t{0}, size_t{1024}, size_t{1025}, size_t{1} << 20}) {
     std::vector<uint8_t> src = pattern(size, size), dst(size, 0);
-    void* sq = nullptr;
-    void* rq = nullptr;
-    ASSERT_EQ(postRecv(net.get(), l.recv, dst.data(), size, &rq), tcpxSuccess);
-    ASSERT_EQ(postSend(net.get(), l.send, src.data(), size, size, &sq), tcpxSuccess);
-    Outcome so = waitRequest(net.get(), sq, &l.sendEv), ro = waitRequest(net.get(), rq, &l.recvEv);
-    ASSERT_TRUE(so.finished && so.rc == tcpxSuccess) << describe(so);
-    ASSERT_TRUE(ro.finished && ro.rc == tcpxSuccess) << describe(ro);
+    Outcome so, ro;
+    ASSERT_TRUE(transferOne(l, src, &dst, size, &so, &ro));
+    ASSERT_TRUE(succeeded(so));
+    ASSERT_TRUE(succeeded(ro));
     EXPECT_EQ(ro.size, size);
-    EXPECT_EQ(ro.tag, size);
-    EXPECT_EQ(firstDiff(dst.data(), src.data(), size), -1) << "size " << size;
+    EXPECT_TRUE(delivered(ro, dst, src, size)) << "size " << size;
   }
 }
 
@@ -629,12 +723,29 @@ std::vector<Msg> makeMessages(int n, size_t inlineBytes, size_t sliceBytes, uint
   return m;
 }
 
+// The checks once every message of `msgs` was sent from src[i] and received
+// into dst[i]: send i and receive i succeeded, and receive i got message i
+// (its size, its tag, its bytes). Stops at the first fatal failure, as the
+// calling test (which ends with these checks) would.
+void checkAllDelivered(const std::vector<Msg>& msgs, const std::vector<Outcome>& so,
+                       const std::vector<Outcome>& ro,
+                       const std::vector<std::vector<uint8_t>>& src,
+                       const std::vector<std::vector<uint8_t>>& dst) {
+  for (size_t i = 0; i < msgs.size(); i++) {
+    ASSERT_TRUE(succeeded(so[i])) << "send " << i;
+    ASSERT_TRUE(succeeded(ro[i])) << "recv " << i;
+    EXPECT_EQ(ro[i].size, msgs[i].size) << "message " << i;
+    EXPECT_EQ(ro[i].tag, msgs[i].tag) << "message " << i << " matched out of order";
+    ASSERT_EQ(firstDiff(dst[i].data(), src[i].data(), msgs[i].size), -1)
+        << "payload of message " << i << " (size " << msgs[i].size << ")";
+  }
+}
+
 // Posts all of one side before any of the other, then checks every message
 // matched the receive of the same index.
 void runOrdering(bool sendsFirst) {
   const size_t kSlice = 64 * 1024, kInline = 4 * 1024;
   auto net = makeNet(3, kSlice, kInline);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const int kN = 200;
@@ -673,14 +784,7 @@ void runOrdering(bool sendsFirst) {
   });
   sender.join();
   receiver.join();
-  for (int i = 0; i < kN; i++) {
-    ASSERT_TRUE(so[i].finished && so[i].rc == tcpxSuccess) << "send " << i << ": " << describe(so[i]);
-    ASSERT_TRUE(ro[i].finished && ro[i].rc == tcpxSuccess) << "recv " << i << ": " << describe(ro[i]);
-    EXPECT_EQ(ro[i].size, msgs[i].size) << "message " << i;
-    EXPECT_EQ(ro[i].tag, msgs[i].tag) << "message " << i << " matched out of order";
-    ASSERT_EQ(firstDiff(dst[i].data(), src[i].data(), msgs[i].size), -1)
-        << "payload of message " << i << " (size " << msgs[i].size << ")";
-  }
+  checkAllDelivered(msgs, so, ro, src, dst);
 }
 
 TEST(SocketNet, OrderingSendsPostedBeforeReceives) { runOrdering(true); }
@@ -692,7 +796,6 @@ TEST(SocketNet, OrderingReceivesPostedBeforeSends) { runOrdering(false); }
 TEST(SocketNet, LargeInlinePayloadsWithRandomReceivePace) {
   const size_t kSlice = 32 * 1024, kInline = 300 * 1024;
   auto net = makeNet(2, kSlice, kInline);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const int kN = 60;
@@ -737,13 +840,7 @@ TEST(SocketNet, LargeInlinePayloadsWithRandomReceivePace) {
   });
   sender.join();
   receiver.join();
-  for (int i = 0; i < kN; i++) {
-    ASSERT_TRUE(so[i].finished && so[i].rc == tcpxSuccess) << "send " << i << ": " << describe(so[i]);
-    ASSERT_TRUE(ro[i].finished && ro[i].rc == tcpxSuccess) << "recv " << i << ": " << describe(ro[i]);
-    EXPECT_EQ(ro[i].size, msgs[i].size) << "message " << i;
-    EXPECT_EQ(ro[i].tag, msgs[i].tag) << "message " << i;
-    ASSERT_EQ(firstDiff(dst[i].data(), src[i].data(), msgs[i].size), -1) << "message " << i;
-  }
+  checkAllDelivered(msgs, so, ro, src, dst);
 }
 
 
@@ -760,16 +857,12 @@ TEST(SocketNet, MismatchedOptionsInteroperate) {
                                      3 * 1024 * 1024 + 11};
   for (size_t i = 0; i < sizes.size(); i++) {
     std::vector<uint8_t> src = pattern(sizes[i], 8000 + i), dst(sizes[i], 0xEE);
-    void* rq = nullptr;
-    void* sq = nullptr;
-    ASSERT_EQ(postRecv(rnet.get(), l.recv, dst.data(), dst.size(), &rq), tcpxSuccess);
-    ASSERT_EQ(postSend(snet.get(), l.send, src.data(), src.size(), 70 + i, &sq), tcpxSuccess);
-    Outcome so = waitRequest(snet.get(), sq, &l.sendEv), ro = waitRequest(rnet.get(), rq, &l.recvEv);
-    ASSERT_TRUE(so.finished && so.rc == tcpxSuccess) << describe(so);
-    ASSERT_TRUE(ro.finished && ro.rc == tcpxSuccess) << describe(ro);
+    Outcome so, ro;
+    ASSERT_TRUE(transferOne(l, src, &dst, 70 + i, &so, &ro));
+    ASSERT_TRUE(succeeded(so));
+    ASSERT_TRUE(succeeded(ro));
     EXPECT_EQ(ro.size, sizes[i]);
-    EXPECT_EQ(ro.tag, 70 + i);
-    EXPECT_EQ(firstDiff(dst.data(), src.data(), sizes[i]), -1) << "size " << sizes[i];
+    EXPECT_TRUE(delivered(ro, dst, src, 70 + i)) << "size " << sizes[i];
   }
 }
 
@@ -777,7 +870,6 @@ TEST(SocketNet, MismatchedOptionsInteroperate) {
 // null pointer: sizes are still reported and the stream stays in step.
 TEST(SocketNet, ZeroCapacityNullBuffers) {
   auto net = makeNet(3, 16 * 1024, 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const std::vector<size_t> sizes = {0, 500, 1024, 1025, 100 * 1024 + 3};
@@ -800,18 +892,17 @@ TEST(SocketNet, ZeroCapacityNullBuffers) {
   ASSERT_EQ(postSend(net.get(), l.send, last.data(), last.size(), 99, &sl), tcpxSuccess);
   for (size_t i = 0; i < sizes.size(); i++) {
     Outcome o = waitRequest(net.get(), rq[i], &l.recvEv);
-    ASSERT_TRUE(o.finished && o.rc == tcpxSuccess) << "recv " << i << ": " << describe(o);
+    ASSERT_TRUE(succeeded(o)) << "recv " << i;
     EXPECT_EQ(o.size, sizes[i]);
     EXPECT_EQ(o.tag, 90 + i);
     Outcome so = waitRequest(net.get(), sq[i], &l.sendEv);
-    EXPECT_TRUE(so.finished && so.rc == tcpxSuccess) << describe(so);
+    EXPECT_TRUE(succeeded(so));
   }
   Outcome o = waitRequest(net.get(), rl, &l.recvEv);
-  ASSERT_TRUE(o.finished && o.rc == tcpxSuccess) << describe(o);
-  EXPECT_EQ(o.tag, 99u);
-  EXPECT_EQ(firstDiff(dlast.data(), last.data(), last.size()), -1);
+  ASSERT_TRUE(succeeded(o));
+  EXPECT_TRUE(delivered(o, dlast, last, 99));
   Outcome so = waitRequest(net.get(), sl, &l.sendEv);
-  EXPECT_TRUE(so.finished && so.rc == tcpxSuccess) << describe(so);
+  EXPECT_TRUE(succeeded(so));
 }
 
 // Two ranks as threads, each sending to the other over its own connection
@@ -819,7 +910,6 @@ TEST(SocketNet, ZeroCapacityNullBuffers) {
 TEST(SocketNet, BidirectionalStreams) {
   const size_t kSlice = 32 * 1024, kInline = 2 * 1024;
   auto net = makeNet(2, kSlice, kInline);
-  ASSERT_NE(net, nullptr);
   Link ab, ba;
   ASSERT_TRUE(openLink(net.get(), &ab, /*src=*/0, /*dst=*/1));
   ASSERT_TRUE(openLink(net.get(), &ba, /*src=*/1, /*dst=*/0));
@@ -841,9 +931,9 @@ TEST(SocketNet, BidirectionalStreams) {
     }
     for (int i = 0; i < kN; i++) {
       Outcome so = waitRequest(net.get(), sq[i], &out.sendEv);
-      ASSERT_TRUE(so.finished && so.rc == tcpxSuccess) << "rank " << r << " send " << i << ": " << describe(so);
+      ASSERT_TRUE(succeeded(so)) << "rank " << r << " send " << i;
       Outcome ro = waitRequest(net.get(), rq[i], &in.recvEv);
-      ASSERT_TRUE(ro.finished && ro.rc == tcpxSuccess) << "rank " << r << " recv " << i << ": " << describe(ro);
+      ASSERT_TRUE(succeeded(ro)) << "rank " << r << " recv " << i;
       EXPECT_EQ(ro.tag, theirs[i].tag);
       std::vector<uint8_t> want = pattern(theirs[i].size, theirs[i].seed);
       ASSERT_EQ(firstDiff(dst[i].data(), want.data(), want.size()), -1) << "rank " << r << " message " << i;
@@ -860,7 +950,6 @@ TEST(SocketNet, BidirectionalStreams) {
 TEST(SocketNet, ReceivePostedAfterSendCompleted) {
   const size_t kSlice = 16 * 1024, kInline = 4 * 1024;
   auto net = makeNet(3, kSlice, kInline);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   // The sliced bytes (~53 KB) stay below what even one socket buffers by
@@ -880,9 +969,8 @@ TEST(SocketNet, ReceivePostedAfterSendCompleted) {
         ASSERT_EQ(postSend(net.get(), l.send, src[i].data(), sizes[i], tags[i], &reqs[i]), tcpxSuccess);
       for (size_t i = 0; i < sizes.size(); i++) {
         Outcome o = waitRequest(net.get(), reqs[i], &l.sendEv);
-        ASSERT_TRUE(o.finished && o.rc == tcpxSuccess)
-            << "send " << i << " (size " << sizes[i] << ") did not complete with no receive posted: "
-            << describe(o);
+        ASSERT_TRUE(succeeded(o))
+            << "send " << i << " (size " << sizes[i] << ") did not complete with no receive posted";
       }
     });
     sender.join();  // the synchronisation: every send is complete
@@ -894,10 +982,9 @@ TEST(SocketNet, ReceivePostedAfterSendCompleted) {
       void* req = nullptr;
       ASSERT_EQ(postRecv(net.get(), l.recv, dst[i].data(), sizes[i], &req), tcpxSuccess);
       Outcome o = waitRequest(net.get(), req, &l.recvEv);
-      ASSERT_TRUE(o.finished && o.rc == tcpxSuccess) << "recv " << i << ": " << describe(o);
+      ASSERT_TRUE(succeeded(o)) << "recv " << i;
       EXPECT_EQ(o.size, sizes[i]);
-      EXPECT_EQ(o.tag, tags[i]);
-      EXPECT_EQ(firstDiff(dst[i].data(), src[i].data(), sizes[i]), -1) << "message " << i;
+      EXPECT_TRUE(delivered(o, dst[i], src[i], tags[i])) << "message " << i;
     }
   }
 }
@@ -907,7 +994,6 @@ TEST(SocketNet, ReceivePostedAfterSendCompleted) {
 TEST(SocketNet, LargeSendStallsUntilReceivePosted) {
   const size_t kSlice = 64 * 1024, kInline = 4 * 1024;
   auto net = makeNet(3, kSlice, kInline);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const size_t size = 5 * 1024 * 1024 + 3;
@@ -917,7 +1003,7 @@ TEST(SocketNet, LargeSendStallsUntilReceivePosted) {
   ASSERT_EQ(postSend(net.get(), l.send, small.data(), small.size(), 10, &r0), tcpxSuccess);
   ASSERT_EQ(postSend(net.get(), l.send, big.data(), size, 11, &r1), tcpxSuccess);
   Outcome o0 = waitRequest(net.get(), r0, &l.sendEv);
-  ASSERT_TRUE(o0.finished && o0.rc == tcpxSuccess) << describe(o0);
+  ASSERT_TRUE(succeeded(o0));
   // Let the big send run into backpressure (it cannot finish without a
   // receive unless the kernel buffers 5 MiB; either way the data must match).
   Outcome o1;
@@ -931,16 +1017,14 @@ TEST(SocketNet, LargeSendStallsUntilReceivePosted) {
   ASSERT_EQ(postRecv(net.get(), l.recv, d0.data(), d0.size(), &q0), tcpxSuccess);
   ASSERT_EQ(postRecv(net.get(), l.recv, d1.data(), d1.size(), &q1), tcpxSuccess);
   if (pending) o1 = waitRequest(net.get(), r1, &l.sendEv);
-  ASSERT_TRUE(o1.finished && o1.rc == tcpxSuccess) << describe(o1);
+  ASSERT_TRUE(succeeded(o1));
   Outcome p0 = waitRequest(net.get(), q0, &l.recvEv);
   Outcome p1 = waitRequest(net.get(), q1, &l.recvEv);
-  ASSERT_TRUE(p0.finished && p0.rc == tcpxSuccess) << describe(p0);
-  ASSERT_TRUE(p1.finished && p1.rc == tcpxSuccess) << describe(p1);
-  EXPECT_EQ(p0.tag, 10u);
-  EXPECT_EQ(p1.tag, 11u);
+  ASSERT_TRUE(succeeded(p0));
+  ASSERT_TRUE(succeeded(p1));
+  EXPECT_TRUE(delivered(p0, d0, small, 10));
+  EXPECT_TRUE(delivered(p1, d1, big, 11));
   EXPECT_EQ(p1.size, size);
-  EXPECT_EQ(firstDiff(d0.data(), small.data(), 100), -1);
-  EXPECT_EQ(firstDiff(d1.data(), big.data(), size), -1);
 }
 
 // Receives posted long before the sends: they stay pending, then complete
@@ -948,7 +1032,6 @@ TEST(SocketNet, LargeSendStallsUntilReceivePosted) {
 TEST(SocketNet, ReceivePostedLongBeforeSend) {
   const size_t kSlice = 64 * 1024, kInline = 4 * 1024;
   auto net = makeNet(3, kSlice, kInline);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const std::vector<size_t> sizes = {0, 1, kInline, kInline + 1, kSlice * 3 + 17, 5 * 1024 * 1024 + 3};
@@ -979,11 +1062,10 @@ TEST(SocketNet, ReceivePostedLongBeforeSend) {
   for (size_t i = 0; i < sizes.size(); i++) ro[i] = waitRequest(net.get(), rq[i], &l.recvEv);
   sender.join();
   for (size_t i = 0; i < sizes.size(); i++) {
-    ASSERT_TRUE(so[i].finished && so[i].rc == tcpxSuccess) << "send " << i << ": " << describe(so[i]);
-    ASSERT_TRUE(ro[i].finished && ro[i].rc == tcpxSuccess) << "recv " << i << ": " << describe(ro[i]);
+    ASSERT_TRUE(succeeded(so[i])) << "send " << i;
+    ASSERT_TRUE(succeeded(ro[i])) << "recv " << i;
     EXPECT_EQ(ro[i].size, sizes[i]);
-    EXPECT_EQ(ro[i].tag, 40 + i);
-    EXPECT_EQ(firstDiff(dst[i].data(), src[i].data(), sizes[i]), -1) << "message " << i;
+    EXPECT_TRUE(delivered(ro[i], dst[i], src[i], 40 + i)) << "message " << i;
   }
 }
 
@@ -1001,7 +1083,6 @@ struct TruncCase {
 void runTruncation(bool receivesFirst) {
   const size_t kSlice = 64 * 1024, kInline = 4 * 1024;
   auto net = makeNet(3, kSlice, kInline);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const std::vector<TruncCase> cases = {
@@ -1061,8 +1142,8 @@ void runTruncation(bool receivesFirst) {
   for (size_t i = 0; i < n; i++) {
     const Item& it = items[i];
     Outcome o = waitRequest(net.get(), rreq[i], &l.recvEv);
-    ASSERT_TRUE(o.finished && o.rc == tcpxSuccess)
-        << "recv " << i << " (size " << it.size << ", capacity " << it.capacity << "): " << describe(o);
+    ASSERT_TRUE(succeeded(o))
+        << "recv " << i << " (size " << it.size << ", capacity " << it.capacity << ")";
     EXPECT_EQ(o.size, it.size) << "recv " << i << " reports the sender's full size";
     EXPECT_EQ(o.tag, it.tag) << "recv " << i << ": stream out of step";
     EXPECT_EQ(firstDiff(it.dst.data(), it.src.data(), std::min(it.size, it.capacity)), -1)
@@ -1072,7 +1153,7 @@ void runTruncation(bool receivesFirst) {
   }
   sw.join();
   for (size_t i = 0; i < n; i++)
-    EXPECT_TRUE(so[i].finished && so[i].rc == tcpxSuccess) << "send " << i << ": " << describe(so[i]);
+    EXPECT_TRUE(succeeded(so[i])) << "send " << i;
 }
 
 TEST(SocketNet, TruncationReceivesPostedFirst) { runTruncation(true); }
@@ -1085,21 +1166,14 @@ TEST(SocketNet, TruncationSendsPostedFirst) { runTruncation(false); }
 // accepts it, and later connects with the right ones work.
 void runRejection(bool wrongSecret) {
   auto net = makeNet(3, 64 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
-  NetListenInfo li;
-  setSecret(li.secret, 1);
-  li.rank = 3;
   NetHandle handle;
   void* lc = nullptr;
-  ASSERT_EQ(net->listen(0, li, &handle, &lc), tcpxSuccess) << lastError();
+  ASSERT_TRUE(listenOn(net.get(), listenInfo(1, /*rank=*/3), &handle, &lc));
 
   for (int attempt = 0; attempt < 2; attempt++) {
     NetHandle h = handle;
-    NetConnectInfo bad;
-    setSecret(bad.secret, wrongSecret ? 2 : 1);
-    bad.srcRank = 9;
-    bad.dstRank = wrongSecret ? 3 : 4;
-    bad.connIndex = 1;
+    NetConnectInfo bad = connectInfo(wrongSecret ? 2 : 1, /*srcRank=*/9,
+                                     /*dstRank=*/wrongSecret ? 3 : 4, /*connIndex=*/1);
     void* sc = nullptr;
     tcpxResult_t rc = connectLoop(net.get(), &h, bad, nullptr, &sc);
     std::string err = lastError();
@@ -1118,30 +1192,20 @@ void runRejection(bool wrongSecret) {
   if (rc0) net->closeRecv(rc0);
 
   // The right credentials still work on the same listener.
-  NetHandle h = handle;
-  NetConnectInfo good;
-  setSecret(good.secret, 1);
-  good.srcRank = 8;
-  good.dstRank = 3;
-  good.connIndex = 2;
   void* sc = nullptr;
-  ASSERT_EQ(connectLoop(net.get(), &h, good, nullptr, &sc), tcpxSuccess) << lastError();
   void* rc = nullptr;
   NetConnectInfo peer;
-  ASSERT_EQ(acceptLoop(net.get(), lc, nullptr, &rc, &peer), tcpxSuccess);
-  ASSERT_NE(rc, nullptr);
+  ASSERT_TRUE(connectAccept(net.get(), handle, connectInfo(1, /*src=*/8, /*dst=*/3, /*conn=*/2), lc,
+                            &sc, &rc, &peer));
   EXPECT_EQ(peer.srcRank, 8u);
   EXPECT_EQ(peer.connIndex, 2u);
   std::vector<uint8_t> src = pattern(200 * 1024 + 1, 55), dst(src.size(), 0);
-  void* sr = nullptr;
-  void* rr = nullptr;
-  ASSERT_EQ(postRecv(net.get(), rc, dst.data(), dst.size(), &rr), tcpxSuccess);
-  ASSERT_EQ(postSend(net.get(), sc, src.data(), src.size(), 123, &sr), tcpxSuccess);
-  Outcome so = waitRequest(net.get(), sr, nullptr), ro = waitRequest(net.get(), rr, nullptr);
-  EXPECT_TRUE(so.finished && so.rc == tcpxSuccess) << describe(so);
-  EXPECT_TRUE(ro.finished && ro.rc == tcpxSuccess) << describe(ro);
-  EXPECT_EQ(ro.tag, 123u);
-  EXPECT_EQ(firstDiff(dst.data(), src.data(), src.size()), -1);
+  Outcome so, ro;
+  ASSERT_TRUE(
+      transferOne(net.get(), sc, nullptr, net.get(), rc, nullptr, src, &dst, 123, &so, &ro));
+  EXPECT_TRUE(succeeded(so));
+  EXPECT_TRUE(succeeded(ro));
+  EXPECT_TRUE(delivered(ro, dst, src, 123));
   // And only that one connection was ever accepted.
   void* extra = nullptr;
   ASSERT_EQ(net->accept(lc, nullptr, &extra, &peer), tcpxSuccess);
@@ -1163,12 +1227,9 @@ TEST(SocketNet, RawClientsAreDroppedWithoutDisturbingOthers) {
   auto net = makeNet(2, 64 * 1024, 4 * 1024, /*handshakeTimeoutMs=*/300);
   ASSERT_NE(net, nullptr);
   std::set<int> before = listeningFds();
-  NetListenInfo li;
-  setSecret(li.secret, 4);
-  li.rank = 0;
   NetHandle handle;
   void* lc = nullptr;
-  ASSERT_EQ(net->listen(0, li, &handle, &lc), tcpxSuccess) << lastError();
+  ASSERT_TRUE(listenOn(net.get(), listenInfo(4, /*rank=*/0), &handle, &lc));
   std::set<int> after = listeningFds();
   std::vector<int> added;
   for (int fd : after)
@@ -1196,18 +1257,11 @@ TEST(SocketNet, RawClientsAreDroppedWithoutDisturbingOthers) {
   close(partial);
 
   // A real connection while the silent one is still pending.
-  NetHandle h = handle;
-  NetConnectInfo ci;
-  setSecret(ci.secret, 4);
-  ci.srcRank = 1;
-  ci.dstRank = 0;
-  ci.connIndex = 5;
   void* sc = nullptr;
-  ASSERT_EQ(connectLoop(net.get(), &h, ci, nullptr, &sc), tcpxSuccess) << lastError();
   void* rc = nullptr;
   NetConnectInfo peer;
-  ASSERT_EQ(acceptLoop(net.get(), lc, nullptr, &rc, &peer), tcpxSuccess);
-  ASSERT_NE(rc, nullptr);
+  ASSERT_TRUE(connectAccept(net.get(), handle, connectInfo(4, /*src=*/1, /*dst=*/0, /*conn=*/5), lc,
+                            &sc, &rc, &peer));
   EXPECT_EQ(peer.connIndex, 5u);
 
   EXPECT_TRUE(waitPeerClosed(junk, seconds(5))) << "the listener kept a garbage connection open";
@@ -1217,13 +1271,11 @@ TEST(SocketNet, RawClientsAreDroppedWithoutDisturbingOthers) {
   close(silent);
 
   std::vector<uint8_t> src = pattern(100 * 1024, 77), dst(src.size(), 0);
-  void* sr = nullptr;
-  void* rr = nullptr;
-  ASSERT_EQ(postSend(net.get(), sc, src.data(), src.size(), 9, &sr), tcpxSuccess);
-  ASSERT_EQ(postRecv(net.get(), rc, dst.data(), dst.size(), &rr), tcpxSuccess);
-  Outcome so = waitRequest(net.get(), sr, nullptr), ro = waitRequest(net.get(), rr, nullptr);
-  EXPECT_TRUE(so.finished && so.rc == tcpxSuccess) << describe(so);
-  EXPECT_TRUE(ro.finished && ro.rc == tcpxSuccess) << describe(ro);
+  Outcome so, ro;
+  ASSERT_TRUE(transferOne(net.get(), sc, nullptr, net.get(), rc, nullptr, src, &dst, 9, &so, &ro,
+                          /*sendFirst=*/true));
+  EXPECT_TRUE(succeeded(so));
+  EXPECT_TRUE(succeeded(ro));
   EXPECT_EQ(firstDiff(dst.data(), src.data(), src.size()), -1);
   void* extra = nullptr;
   ASSERT_EQ(acceptLoop(net.get(), lc, nullptr, &extra, &peer, milliseconds(100)), tcpxSuccess);
@@ -1236,11 +1288,9 @@ TEST(SocketNet, RawClientsAreDroppedWithoutDisturbingOthers) {
 // A connect() to a listener that is gone fails within its timeout.
 TEST(SocketNet, ConnectToClosedListenerFails) {
   auto net = makeNet(2, 64 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
-  NetListenInfo li;
   NetHandle handle;
   void* lc = nullptr;
-  ASSERT_EQ(net->listen(0, li, &handle, &lc), tcpxSuccess);
+  ASSERT_TRUE(listenOn(net.get(), NetListenInfo(), &handle, &lc));
   ASSERT_EQ(net->closeListen(lc), tcpxSuccess);
   NetConnectInfo ci;
   void* sc = nullptr;
@@ -1266,10 +1316,9 @@ TEST(SocketNet, ConnectTimesOutWhenListenerStalls) {
   auto cnet = makeNet(2, 64 * 1024, 4 * 1024);
   ASSERT_NE(lnet, nullptr);
   ASSERT_NE(cnet, nullptr);
-  NetListenInfo li;
   NetHandle handle;
   void* lc = nullptr;
-  ASSERT_EQ(lnet->listen(0, li, &handle, &lc), tcpxSuccess);
+  ASSERT_TRUE(listenOn(lnet.get(), NetListenInfo(), &handle, &lc));
   NetConnectInfo ci;
   ci.connIndex = 1;
   {
@@ -1307,13 +1356,11 @@ TEST(SocketNet, ConnectTimesOutWhenListenerStalls) {
   }
   ASSERT_NE(good, nullptr);
   std::vector<uint8_t> src = pattern(300 * 1024, 5), dst(src.size(), 0);
-  void* sq = nullptr;
-  void* rq = nullptr;
-  ASSERT_EQ(postRecv(lnet.get(), good, dst.data(), dst.size(), &rq), tcpxSuccess);
-  ASSERT_EQ(postSend(cnet.get(), sc, src.data(), src.size(), 3, &sq), tcpxSuccess);
-  Outcome so = waitRequest(cnet.get(), sq, nullptr), ro = waitRequest(lnet.get(), rq, nullptr);
-  EXPECT_TRUE(so.finished && so.rc == tcpxSuccess) << describe(so);
-  EXPECT_TRUE(ro.finished && ro.rc == tcpxSuccess) << describe(ro);
+  Outcome so, ro;
+  ASSERT_TRUE(
+      transferOne(cnet.get(), sc, nullptr, lnet.get(), good, nullptr, src, &dst, 3, &so, &ro));
+  EXPECT_TRUE(succeeded(so));
+  EXPECT_TRUE(succeeded(ro));
   EXPECT_EQ(firstDiff(dst.data(), src.data(), src.size()), -1);
   cnet->closeSend(sc);
   lnet->closeRecv(good);
@@ -1325,11 +1372,9 @@ TEST(SocketNet, ConnectTimesOutWhenListenerStalls) {
 // connection; then it must be a dead one (its first receive fails).
 TEST(SocketNet, ConnectAbandonMidway) {
   auto net = makeNet(2, 64 * 1024, 4 * 1024, /*handshakeTimeoutMs=*/300);
-  ASSERT_NE(net, nullptr);
-  NetListenInfo li;
   NetHandle handle;
   void* lc = nullptr;
-  ASSERT_EQ(net->listen(0, li, &handle, &lc), tcpxSuccess);
+  ASSERT_TRUE(listenOn(net.get(), NetListenInfo(), &handle, &lc));
   NetHandle h = handle;
   NetConnectInfo ci;
   void* sc = nullptr;
@@ -1349,10 +1394,7 @@ TEST(SocketNet, ConnectAbandonMidway) {
   }
   if (rc) net->closeRecv(rc);
   // The same public handle connects afresh.
-  h = handle;
-  ASSERT_EQ(connectLoop(net.get(), &h, ci, nullptr, &sc), tcpxSuccess) << lastError();
-  ASSERT_EQ(acceptLoop(net.get(), lc, nullptr, &rc, &peer), tcpxSuccess);
-  ASSERT_NE(rc, nullptr);
+  ASSERT_TRUE(connectAccept(net.get(), handle, ci, lc, &sc, &rc, &peer));
   net->closeSend(sc);
   net->closeRecv(rc);
   net->closeListen(lc);
@@ -1364,14 +1406,10 @@ TEST(SocketNet, ConnectAbandonMidway) {
 TEST(SocketNet, ManyConcurrentConnections) {
   const size_t kSlice = 32 * 1024, kInline = 4 * 1024, kMsg = 100 * 1024;
   auto net = makeNet(2, kSlice, kInline, 30000, /*nthreads=*/3);
-  ASSERT_NE(net, nullptr);
   const int kThreads = 8, kPerThread = 8, kConns = kThreads * kPerThread, kMsgs = 3;
-  NetListenInfo li;
-  setSecret(li.secret, 9);
-  li.rank = 0;
   NetHandle handle;
   void* lc = nullptr;
-  ASSERT_EQ(net->listen(0, li, &handle, &lc), tcpxSuccess) << lastError();
+  ASSERT_TRUE(listenOn(net.get(), listenInfo(9, /*rank=*/0), &handle, &lc));
   auto seedOf = [](uint32_t src, uint32_t conn, int m) {
     return (uint64_t{src} << 32) | (uint64_t{conn} << 8) | static_cast<uint64_t>(m);
   };
@@ -1388,12 +1426,8 @@ TEST(SocketNet, ManyConcurrentConnections) {
       std::vector<NetHandle> hs(kPerThread, handle);  // one handle object per connection
       std::vector<void*> scs(kPerThread, nullptr);
       std::vector<NetConnectInfo> infos(kPerThread);
-      for (int c = 0; c < kPerThread; c++) {
-        setSecret(infos[c].secret, 9);
-        infos[c].srcRank = src;
-        infos[c].dstRank = 0;
-        infos[c].connIndex = static_cast<uint32_t>(c * 3 + 1);
-      }
+      for (int c = 0; c < kPerThread; c++)
+        infos[c] = connectInfo(9, src, /*dstRank=*/0, static_cast<uint32_t>(c * 3 + 1));
       // Drive all of this thread's connects together.
       auto deadline = SteadyClock::now() + kWait;
       int up = 0;
@@ -1486,8 +1520,8 @@ TEST(SocketNet, ManyConcurrentConnections) {
     for (int m = 0; m < kMsgs; m++) {
       ASSERT_NE(a.reqs[m], nullptr);
       Outcome o = waitRequest(net.get(), a.reqs[m], nullptr);
-      ASSERT_TRUE(o.finished && o.rc == tcpxSuccess)
-          << "recv from (" << a.peer.srcRank << ", " << a.peer.connIndex << ") #" << m << ": " << describe(o);
+      ASSERT_TRUE(succeeded(o))
+          << "recv from (" << a.peer.srcRank << ", " << a.peer.connIndex << ") #" << m;
       EXPECT_EQ(o.size, kMsg);
       EXPECT_EQ(o.tag, tagOf(a.peer.srcRank, a.peer.connIndex, m))
           << "message attributed to the wrong connection";
@@ -1521,7 +1555,6 @@ TEST(SocketNet, MessageLargerThan2GiB) {
   fillPattern(src.get() + kSize - 64 * 1024, 64 * 1024, 31338);
 
   auto net = makeNet(4, 1024 * 1024, 16 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const uint64_t tag = 0x8000000080000001ULL;
@@ -1535,8 +1568,8 @@ TEST(SocketNet, MessageLargerThan2GiB) {
   ASSERT_EQ(postRecv(net.get(), l.recv, dst.get(), kSize, &req), tcpxSuccess) << lastError();
   ro = waitRequest(net.get(), req, &l.recvEv, seconds(180));
   sender.join();
-  ASSERT_TRUE(so.finished && so.rc == tcpxSuccess) << describe(so);
-  ASSERT_TRUE(ro.finished && ro.rc == tcpxSuccess) << describe(ro);
+  ASSERT_TRUE(succeeded(so));
+  ASSERT_TRUE(succeeded(ro));
   EXPECT_EQ(so.size, kSize);
   EXPECT_EQ(ro.size, kSize) << "64-bit size reported by test()";
   EXPECT_EQ(ro.tag, tag);
@@ -1571,11 +1604,58 @@ void runWithin(SteadyClock::duration bound, const char* what, const std::functio
   t.join();
 }
 
+// Runs `close` within the bound (as runWithin(), `what` naming it) and says
+// how it went.
+::testing::AssertionResult closeWithin(const char* what,
+                                       const std::function<tcpxResult_t()>& close) {
+  tcpxResult_t r = tcpxSuccess;
+  std::string err;
+  runWithin(kWait, what, [&] {
+    r = close();
+    if (r != tcpxSuccess) err = lastError();
+  });
+  if (r == tcpxSuccess) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": " << resultName(r) << " " << err;
+}
+
+// Closes l's send (receive) comm within the bound and takes it off the Link.
+::testing::AssertionResult closeSendWithin(Link& l, const char* what = "closeSend") {
+  void* comm = l.send;
+  l.send = nullptr;
+  return closeWithin(what, [&] { return l.sendNet->closeSend(comm); });
+}
+
+::testing::AssertionResult closeRecvWithin(Link& l, const char* what = "closeRecv") {
+  void* comm = l.recv;
+  l.recv = nullptr;
+  return closeWithin(what, [&] { return l.net->closeRecv(comm); });
+}
+
+// Posts a send of each of `msgs` on `l` (tags firstTag, firstTag + 1, ...),
+// all before waiting, then waits for each in turn; fails naming the first
+// that could not be posted or did not succeed.
+::testing::AssertionResult sendAll(Link& l, const std::vector<const std::vector<uint8_t>*>& msgs,
+                                   uint64_t firstTag) {
+  std::vector<void*> reqs(msgs.size(), nullptr);
+  for (size_t i = 0; i < msgs.size(); i++) {
+    tcpxResult_t r =
+        postSend(l.sendNet, l.send, msgs[i]->data(), msgs[i]->size(), firstTag + i, &reqs[i]);
+    if (r != tcpxSuccess)
+      return ::testing::AssertionFailure()
+             << "isend " << i << ": " << resultName(r) << " " << lastError();
+  }
+  std::vector<Outcome> out;
+  for (void* req : reqs) out.push_back(waitRequest(l.sendNet, req, &l.sendEv));
+  for (size_t i = 0; i < out.size(); i++)
+    if (!succeeded(out[i]))
+      return ::testing::AssertionFailure() << "send " << i << ": " << describe(out[i]);
+  return ::testing::AssertionSuccess();
+}
+
 // The receiver closes while a send that cannot complete is in flight: the
 // send fails (rather than hanging), and later sends on the comm fail too.
 TEST(SocketNet, ReceiverCloseFailsInFlightSend) {
   auto net = makeNet(2, 1024 * 1024, 16 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   // 256 MiB with no receive posted: far more than two sockets can buffer.
@@ -1592,8 +1672,7 @@ TEST(SocketNet, ReceiverCloseFailsInFlightSend) {
         << "a 256 MiB send finished with no receive posted: " << describe(early);
     std::this_thread::sleep_for(milliseconds(10));
   }
-  runWithin(kWait, "closeRecv", [&] { EXPECT_EQ(net->closeRecv(l.recv), tcpxSuccess); });
-  l.recv = nullptr;
+  EXPECT_TRUE(closeRecvWithin(l));
   Outcome o = waitRequest(net.get(), sreq, &l.sendEv);
   ASSERT_TRUE(o.finished) << "the send was still pending 20 s after the receiver closed";
   EXPECT_NE(o.rc, tcpxSuccess) << "a send whose receiver closed before reading it succeeded";
@@ -1613,8 +1692,7 @@ TEST(SocketNet, ReceiverCloseFailsInFlightSend) {
       EXPECT_TRUE(o3.finished && o3.rc != tcpxSuccess) << "send on a broken comm: " << describe(o3);
     }
   }
-  runWithin(kWait, "closeSend", [&] { EXPECT_EQ(net->closeSend(l.send), tcpxSuccess); });
-  l.send = nullptr;
+  EXPECT_TRUE(closeSendWithin(l));
 }
 
 // The receiver closes while a large matched transfer is under way: both
@@ -1622,7 +1700,6 @@ TEST(SocketNet, ReceiverCloseFailsInFlightSend) {
 // into the receive buffer once closeRecv() returned.
 TEST(SocketNet, ReceiverCloseDuringActiveTransfer) {
   auto net = makeNet(3, 256 * 1024, 16 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const size_t kBig = 64u << 20;
@@ -1633,8 +1710,7 @@ TEST(SocketNet, ReceiverCloseDuringActiveTransfer) {
   ASSERT_EQ(postSend(net.get(), l.send, src.data(), kBig, 5, &sreq), tcpxSuccess);
   // Close while it is (most likely) under way; either outcome is accepted.
   std::this_thread::sleep_for(milliseconds(5));
-  runWithin(kWait, "closeRecv", [&] { EXPECT_EQ(net->closeRecv(l.recv), tcpxSuccess); });
-  l.recv = nullptr;
+  EXPECT_TRUE(closeRecvWithin(l));
   Outcome ro = waitRequest(net.get(), rreq, nullptr, seconds(1));
   EXPECT_TRUE(ro.finished) << "receive still pending after its comm was closed";
   if (ro.finished && ro.rc == tcpxSuccess) EXPECT_EQ(firstDiff(dst.data(), src.data(), kBig), -1);
@@ -1649,7 +1725,6 @@ TEST(SocketNet, ReceiverCloseDuringActiveTransfer) {
 // both arrive intact, and a third receive fails with a "closed" error.
 TEST(SocketNet, SenderCloseAfterTwoMessagesReceivesPostedFirst) {
   auto net = makeNet(3, 64 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   std::vector<uint8_t> a = pattern(1000, 1), b = pattern(1024 * 1024 + 5, 2);
@@ -1658,24 +1733,15 @@ TEST(SocketNet, SenderCloseAfterTwoMessagesReceivesPostedFirst) {
   ASSERT_EQ(postRecv(net.get(), l.recv, da.data(), da.size(), &q[0]), tcpxSuccess);
   ASSERT_EQ(postRecv(net.get(), l.recv, db.data(), db.size(), &q[1]), tcpxSuccess);
   ASSERT_EQ(postRecv(net.get(), l.recv, dc.data(), dc.size(), &q[2]), tcpxSuccess);
-  void* s0 = nullptr;
-  void* s1 = nullptr;
-  ASSERT_EQ(postSend(net.get(), l.send, a.data(), a.size(), 100, &s0), tcpxSuccess);
-  ASSERT_EQ(postSend(net.get(), l.send, b.data(), b.size(), 101, &s1), tcpxSuccess);
-  Outcome o0 = waitRequest(net.get(), s0, &l.sendEv), o1 = waitRequest(net.get(), s1, &l.sendEv);
-  ASSERT_TRUE(o0.finished && o0.rc == tcpxSuccess) << describe(o0);
-  ASSERT_TRUE(o1.finished && o1.rc == tcpxSuccess) << describe(o1);
-  runWithin(kWait, "closeSend", [&] { EXPECT_EQ(net->closeSend(l.send), tcpxSuccess); });
-  l.send = nullptr;
+  ASSERT_TRUE(sendAll(l, {&a, &b}, /*firstTag=*/100));
+  EXPECT_TRUE(closeSendWithin(l));
   Outcome r0 = waitRequest(net.get(), q[0], &l.recvEv);
   Outcome r1 = waitRequest(net.get(), q[1], &l.recvEv);
   Outcome r2 = waitRequest(net.get(), q[2], &l.recvEv);
-  ASSERT_TRUE(r0.finished && r0.rc == tcpxSuccess) << describe(r0);
-  ASSERT_TRUE(r1.finished && r1.rc == tcpxSuccess) << describe(r1);
-  EXPECT_EQ(r0.tag, 100u);
-  EXPECT_EQ(r1.tag, 101u);
-  EXPECT_EQ(firstDiff(da.data(), a.data(), a.size()), -1);
-  EXPECT_EQ(firstDiff(db.data(), b.data(), b.size()), -1);
+  ASSERT_TRUE(succeeded(r0));
+  ASSERT_TRUE(succeeded(r1));
+  EXPECT_TRUE(delivered(r0, da, a, 100));
+  EXPECT_TRUE(delivered(r1, db, b, 101));
   ASSERT_TRUE(r2.finished) << "third receive still pending 20 s after the sender closed";
   EXPECT_NE(r2.rc, tcpxSuccess);
   EXPECT_NE(r2.error.find("closed"), std::string::npos) << "error: " << r2.error;
@@ -1690,20 +1756,12 @@ TEST(SocketNet, SenderCloseAfterTwoMessagesReceivesPostedFirst) {
 // as TCP delivers bytes sent before a close; a third receive fails.
 TEST(SocketNet, SenderCloseThenReceivesPostedLateInline) {
   auto net = makeNet(3, 64 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   std::vector<uint8_t> a = pattern(1000, 11), b = pattern(4096, 12);
   uint64_t seen = l.recvEv.value();
-  void* s0 = nullptr;
-  void* s1 = nullptr;
-  ASSERT_EQ(postSend(net.get(), l.send, a.data(), a.size(), 200, &s0), tcpxSuccess);
-  ASSERT_EQ(postSend(net.get(), l.send, b.data(), b.size(), 201, &s1), tcpxSuccess);
-  Outcome o0 = waitRequest(net.get(), s0, &l.sendEv), o1 = waitRequest(net.get(), s1, &l.sendEv);
-  ASSERT_TRUE(o0.finished && o0.rc == tcpxSuccess) << describe(o0);
-  ASSERT_TRUE(o1.finished && o1.rc == tcpxSuccess) << describe(o1);
-  runWithin(kWait, "closeSend", [&] { EXPECT_EQ(net->closeSend(l.send), tcpxSuccess); });
-  l.send = nullptr;
+  ASSERT_TRUE(sendAll(l, {&a, &b}, /*firstTag=*/200));
+  EXPECT_TRUE(closeSendWithin(l));
   bool noticed = l.recvEv.waitUntil(seen, SteadyClock::now() + seconds(5));
   std::vector<uint8_t> da(a.size(), 0), db(b.size(), 0);
   void* q0 = nullptr;
@@ -1714,12 +1772,10 @@ TEST(SocketNet, SenderCloseThenReceivesPostedLateInline) {
                              << " the receiver noticed the close): " << lastError();
   ASSERT_EQ(postRecv(net.get(), l.recv, db.data(), db.size(), &q1), tcpxSuccess) << lastError();
   Outcome r0 = waitRequest(net.get(), q0, &l.recvEv), r1 = waitRequest(net.get(), q1, &l.recvEv);
-  ASSERT_TRUE(r0.finished && r0.rc == tcpxSuccess) << describe(r0);
-  ASSERT_TRUE(r1.finished && r1.rc == tcpxSuccess) << describe(r1);
-  EXPECT_EQ(r0.tag, 200u);
-  EXPECT_EQ(r1.tag, 201u);
-  EXPECT_EQ(firstDiff(da.data(), a.data(), a.size()), -1);
-  EXPECT_EQ(firstDiff(db.data(), b.data(), b.size()), -1);
+  ASSERT_TRUE(succeeded(r0));
+  ASSERT_TRUE(succeeded(r1));
+  EXPECT_TRUE(delivered(r0, da, a, 200));
+  EXPECT_TRUE(delivered(r1, db, b, 201));
   expectReceiveFails(net.get(), l.recv, "closed");
 }
 
@@ -1727,19 +1783,11 @@ TEST(SocketNet, SenderCloseThenReceivesPostedLateInline) {
 // paused data sockets when the receives are posted.
 TEST(SocketNet, SenderCloseThenReceivesPostedLateSliced) {
   auto net = makeNet(3, 16 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   std::vector<uint8_t> a = pattern(1000, 21), b = pattern(40 * 1024 + 3, 22);
-  void* s0 = nullptr;
-  void* s1 = nullptr;
-  ASSERT_EQ(postSend(net.get(), l.send, a.data(), a.size(), 300, &s0), tcpxSuccess);
-  ASSERT_EQ(postSend(net.get(), l.send, b.data(), b.size(), 301, &s1), tcpxSuccess);
-  Outcome o0 = waitRequest(net.get(), s0, &l.sendEv), o1 = waitRequest(net.get(), s1, &l.sendEv);
-  ASSERT_TRUE(o0.finished && o0.rc == tcpxSuccess) << describe(o0);
-  ASSERT_TRUE(o1.finished && o1.rc == tcpxSuccess) << describe(o1);
-  runWithin(kWait, "closeSend", [&] { EXPECT_EQ(net->closeSend(l.send), tcpxSuccess); });
-  l.send = nullptr;
+  ASSERT_TRUE(sendAll(l, {&a, &b}, /*firstTag=*/300));
+  EXPECT_TRUE(closeSendWithin(l));
   std::this_thread::sleep_for(milliseconds(50));  // let the receiver see the EOFs (not needed for correctness)
   std::vector<uint8_t> da(a.size(), 0), db(b.size(), 0);
   void* q0 = nullptr;
@@ -1747,8 +1795,8 @@ TEST(SocketNet, SenderCloseThenReceivesPostedLateSliced) {
   ASSERT_EQ(postRecv(net.get(), l.recv, da.data(), da.size(), &q0), tcpxSuccess) << lastError();
   ASSERT_EQ(postRecv(net.get(), l.recv, db.data(), db.size(), &q1), tcpxSuccess) << lastError();
   Outcome r0 = waitRequest(net.get(), q0, &l.recvEv), r1 = waitRequest(net.get(), q1, &l.recvEv);
-  ASSERT_TRUE(r0.finished && r0.rc == tcpxSuccess) << describe(r0);
-  ASSERT_TRUE(r1.finished && r1.rc == tcpxSuccess) << describe(r1);
+  ASSERT_TRUE(succeeded(r0));
+  ASSERT_TRUE(succeeded(r1));
   EXPECT_EQ(firstDiff(da.data(), a.data(), a.size()), -1);
   EXPECT_EQ(firstDiff(db.data(), b.data(), b.size()), -1);
   expectReceiveFails(net.get(), l.recv, "closed");
@@ -1794,8 +1842,7 @@ TEST(SocketNet, SenderCloseAfterBurstDeliversEverything) {
       sentOk[i] = o.finished && o.rc == tcpxSuccess;
       if (!o.finished) break;
     }
-    runWithin(kWait, "closeSend", [&] { EXPECT_EQ(snet->closeSend(l.send), tcpxSuccess); });
-    l.send = nullptr;
+    EXPECT_TRUE(closeSendWithin(l));
   }
   for (int i = 0; i < kN; i++) {
     if (!sq[i]) continue;  // already tested
@@ -1811,8 +1858,7 @@ TEST(SocketNet, SenderCloseAfterBurstDeliversEverything) {
     completed++;
     ASSERT_EQ(o.rc, tcpxSuccess) << "send " << i << " completed but its message was lost: "
                                  << o.error;
-    EXPECT_EQ(o.tag, static_cast<uint64_t>(i));
-    EXPECT_EQ(firstDiff(dst[i].data(), src[i].data(), kInline), -1) << "message " << i;
+    EXPECT_TRUE(delivered(o, dst[i], src[i], static_cast<uint64_t>(i))) << "message " << i;
   }
   EXPECT_GT(completed, 0) << "no send completed before the close: the test proves nothing";
 }
@@ -1822,7 +1868,6 @@ TEST(SocketNet, SenderCloseAfterBurstDeliversEverything) {
 
 TEST(SocketNet, CloseSendWithPendingRequests) {
   auto net = makeNet(2, 64 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   std::vector<uint8_t> small = pattern(100, 1);
@@ -1832,8 +1877,7 @@ TEST(SocketNet, CloseSendWithPendingRequests) {
   ASSERT_EQ(postSend(net.get(), l.send, small.data(), small.size(), 0, &reqs[0]), tcpxSuccess);
   for (int i = 1; i < 4; i++)
     ASSERT_EQ(postSend(net.get(), l.send, big.data(), kBig, static_cast<uint64_t>(i), &reqs[i]), tcpxSuccess);
-  runWithin(kWait, "closeSend with pending sends", [&] { EXPECT_EQ(net->closeSend(l.send), tcpxSuccess); });
-  l.send = nullptr;
+  EXPECT_TRUE(closeSendWithin(l, "closeSend with pending sends"));
   // The net lets go of the send buffers once closeSend() returned.
   memset(big.data(), 0, kBig);
   for (int i = 1; i < 4; i++) {
@@ -1862,7 +1906,6 @@ TEST(SocketNet, CloseSendWithPendingRequests) {
 
 TEST(SocketNet, CloseRecvWithPendingRequests) {
   auto net = makeNet(2, 64 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
   Link l;
   ASSERT_TRUE(openLink(net.get(), &l));
   const std::vector<size_t> sizes = {100, 64 * 1024 * 3, 8u << 20};
@@ -1872,8 +1915,7 @@ TEST(SocketNet, CloseRecvWithPendingRequests) {
     dst.emplace_back(sizes[i], 0x22);
     ASSERT_EQ(postRecv(net.get(), l.recv, dst[i].data(), sizes[i], &rq[i]), tcpxSuccess);
   }
-  runWithin(kWait, "closeRecv with pending receives", [&] { EXPECT_EQ(net->closeRecv(l.recv), tcpxSuccess); });
-  l.recv = nullptr;
+  EXPECT_TRUE(closeRecvWithin(l, "closeRecv with pending receives"));
   for (size_t i = 0; i < sizes.size(); i++) {
     Outcome o = waitRequest(net.get(), rq[i], nullptr, seconds(1));
     ASSERT_TRUE(o.finished) << "receive " << i << " still pending after closeRecv";
@@ -1899,11 +1941,9 @@ TEST(SocketNet, CloseRecvWithPendingRequests) {
 // closed with the listener; their senders fail rather than hang.
 TEST(SocketNet, CloseListenWithUnacceptedConnections) {
   auto net = makeNet(2, 64 * 1024, 4 * 1024);
-  ASSERT_NE(net, nullptr);
-  NetListenInfo li;
   NetHandle handle;
   void* lc = nullptr;
-  ASSERT_EQ(net->listen(0, li, &handle, &lc), tcpxSuccess);
+  ASSERT_TRUE(listenOn(net.get(), NetListenInfo(), &handle, &lc));
   std::vector<void*> scs;
   for (uint32_t c = 0; c < 3; c++) {
     NetHandle h = handle;
