@@ -113,23 +113,7 @@ NetConnectInfo connectInfo(uint8_t secretSeed, uint32_t srcRank, uint32_t dstRan
 
 std::unique_ptr<SocketNet> makeNet(int nsocks, size_t sliceBytes, size_t inlineBytes,
                                    int handshakeTimeoutMs = 30000, int nthreads = 2) {
-  SocketNetOptions o;
-  if (findNetDevices("lo", "/sys", &o.devices) != tcpxSuccess) {
-    ADD_FAILURE() << "no loopback device: " << lastError();
-    return nullptr;
-  }
-  o.nsocks = nsocks;
-  o.nthreads = nthreads;
-  o.sliceBytes = sliceBytes;
-  o.inlineBytes = inlineBytes;
-  o.handshakeTimeoutMs = handshakeTimeoutMs;
-  std::unique_ptr<SocketNet> net;
-  tcpxResult_t r = SocketNet::create(o, &net);
-  if (r != tcpxSuccess) {
-    ADD_FAILURE() << "SocketNet::create: " << lastError();
-    return nullptr;
-  }
-  return net;
+  return testing::makeLoopbackNet(nsocks, nthreads, sliceBytes, inlineBytes, handshakeTimeoutMs);
 }
 
 // A thread joined when it goes out of scope, so that a failed ASSERT in the

@@ -59,18 +59,26 @@ class MemStore : public Store {
   std::map<std::string, std::vector<uint8_t>> kv_;
 };
 
-// A socket net over loopback only.
+// A socket net over loopback only; null (with a test failure) if it cannot be made.
 inline std::unique_ptr<SocketNet> makeLoopbackNet(int nsocks = 2, int nthreads = 2,
                                                   size_t sliceBytes = 128 * 1024,
-                                                  size_t inlineBytes = 16 * 1024) {
+                                                  size_t inlineBytes = 16 * 1024,
+                                                  int handshakeTimeoutMs = 30000) {
   SocketNetOptions o;
-  EXPECT_EQ(findNetDevices("lo", "/sys", &o.devices), tcpxSuccess) << lastError();
+  if (findNetDevices("lo", "/sys", &o.devices) != tcpxSuccess) {
+    ADD_FAILURE() << "no loopback device: " << lastError();
+    return nullptr;
+  }
   o.nsocks = nsocks;
   o.nthreads = nthreads;
   o.sliceBytes = sliceBytes;
   o.inlineBytes = inlineBytes;
+  o.handshakeTimeoutMs = handshakeTimeoutMs;
   std::unique_ptr<SocketNet> net;
-  EXPECT_EQ(SocketNet::create(o, &net), tcpxSuccess) << lastError();
+  if (SocketNet::create(o, &net) != tcpxSuccess) {
+    ADD_FAILURE() << "SocketNet::create: " << lastError();
+    return nullptr;
+  }
   return net;
 }
 

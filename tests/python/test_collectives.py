@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from testlib import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, PREMUL_FACTOR_EXACT, PREMUL_FACTOR_RANDN,
                      REDUCE_OPS, SIZE_CLASSES, assert_equal, case_seed, check_all_reduce,
-                     check_group_usable, data_kind, digest, dtype_aliases, garbage_like,
+                     check_group_usable, data_kind, digest, dtype_aliases, expect_raises,
+                     garbage_like,
                      gen_input, gloo_gap_all_reduce, gloo_gap_dtype, input_kind, invalid_pair,
                      is_float, make_op, maybe_skip_gloo, numel_of, skip_if_gloo)
 
@@ -110,18 +111,7 @@ def _premul_factor(op: str, flavor: str):
 
 def expect_value_error(fn, ctx: str, names: list[str]) -> str:
     """Run fn, require ValueError whose message mentions one of ``names``; return the message."""
-    try:
-        fn()
-    except ValueError as exc:
-        msg = str(exc)
-        if not any(n.lower() in msg.lower() for n in names):
-            raise AssertionError(f"{ctx}: ValueError message does not name the argument "
-                                 f"(expected one of {names}): {msg!r}") from exc
-        return msg
-    except Exception as exc:  # noqa: BLE001
-        raise AssertionError(f"{ctx}: expected ValueError, got {type(exc).__name__}: {exc}") \
-            from exc
-    raise AssertionError(f"{ctx}: expected ValueError, nothing was raised")
+    return expect_raises(fn, ValueError, names, ctx)[1]
 
 
 def rank_all_reduce(rank, ws, *, dtype, op, size, seed):

@@ -411,3 +411,22 @@ def dtype_aliases(dtype: torch.dtype) -> list[str]:
     if c10:
         names.append(c10)
     return names
+
+
+def expect_raises(fn, accepted, names: list[str], ctx: str = "") -> tuple[str, str]:
+    """Run fn and require an exception of a type in ``accepted`` whose message mentions one of
+    ``names`` (case-insensitive); return (exception type name, message)."""
+    accepted = accepted if isinstance(accepted, tuple) else (accepted,)
+    wanted = [a.__name__ for a in accepted]
+    prefix = f"{ctx}: " if ctx else ""
+    try:
+        fn()
+    except accepted as exc:
+        msg = str(exc)
+        if not any(n.lower() in msg.lower() for n in names):
+            raise AssertionError(f"{prefix}{type(exc).__name__} message does not name the argument "
+                                 f"(expected one of {names}): {msg!r}") from exc
+        return type(exc).__name__, msg
+    except Exception as exc:  # noqa: BLE001
+        raise AssertionError(f"{prefix}expected {wanted}, got {type(exc).__name__}: {exc}") from exc
+    raise AssertionError(f"{prefix}expected {wanted}, nothing was raised")
