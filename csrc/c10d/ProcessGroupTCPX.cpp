@@ -81,18 +81,22 @@ bool mapDtype(at::ScalarType t, DataType* out) {
   }
 }
 
+// The core's element type for moving t's data, and how many of its
+// elements make one of t's (complex: pairs of reals; other unknown dtypes:
+// raw bytes).
+size_t moveUnits(const at::Tensor& t, DataType* dtype) {
+  if (mapDtype(t.scalar_type(), dtype)) return 1;
+  if (t.is_complex()) {
+    *dtype = t.scalar_type() == at::kComplexFloat ? DataType::kFloat32 : DataType::kFloat64;
+    return 2;
+  }
+  *dtype = DataType::kUInt8;
+  return static_cast<size_t>(t.element_size());
+}
+
 // Element type and count for a byte-moving operation.
 void moveShape(const at::Tensor& t, DataType* dtype, size_t* count) {
-  if (mapDtype(t.scalar_type(), dtype)) {
-    *count = static_cast<size_t>(t.numel());
-  } else if (t.is_complex()) {
-    // complex64/complex128 travel as pairs of float32/float64.
-    *dtype = t.scalar_type() == at::kComplexFloat ? DataType::kFloat32 : DataType::kFloat64;
-    *count = static_cast<size_t>(t.numel()) * 2;
-  } else {
-    *dtype = DataType::kUInt8;
-    *count = static_cast<size_t>(t.numel()) * t.element_size();
-  }
+  *count = static_cast<size_t>(t.numel()) * moveUnits(t, dtype);
 }
 
 void checkTensor(const at::Tensor& t, const char* op, const char* what) {
@@ -114,7 +118,7 @@ void checkSingle(const std::vector<at::Tensor>& ts, const char* op) {
 // the result back into the user's non-contiguous tensor.
 at::Tensor contiguousView(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
-RedOp mapRedOp(const c10d::ReduceOp& op, double* factor) {
+RedOp mapRedOp(const c10d::ReduceOp& op, double* factor, const char* opName = "all_reduce") {
   *factor = 1.0;
   switch (op.op_) {
     case c10d::ReduceOp::SUM: return RedOp::kSum;
@@ -127,11 +131,11 @@ RedOp mapRedOp(const c10d::ReduceOp& op, double* factor) {
     case c10d::ReduceOp::BXOR: return RedOp::kBxor;
     case c10d::ReduceOp::PREMUL_SUM: {
       auto* sup = dynamic_cast<c10d::NCCLPreMulSumSupplement*>(op.supplement_.get());
-      TORCH_CHECK_VALUE(sup, "tcpx all_reduce: PREMUL_SUM without its factor; create it with "
+      TORCH_CHECK_VALUE(sup, "tcpx ", opName, ": PREMUL_SUM without its factor; create it with "
                              "torch.distributed._make_nccl_premul_sum(factor)");
       if (sup->tensor_factor.defined()) {
-        TORCH_CHECK_VALUE(sup->tensor_factor.numel() == 1,
-                          "tcpx all_reduce: PREMUL_SUM factor tensor must have one element");
+        TORCH_CHECK_VALUE(sup->tensor_factor.numel() == 1, "tcpx ", opName,
+                          ": PREMUL_SUM factor tensor must have one element");
         *factor = sup->tensor_factor.to(at::kCPU).to(at::kDouble).item<double>();
       } else {
         *factor = sup->double_factor;
@@ -139,12 +143,136 @@ RedOp mapRedOp(const c10d::ReduceOp& op, double* factor) {
       return RedOp::kPremulSum;
     }
     default:
-      TORCH_CHECK_VALUE(false, "tcpx all_reduce: unsupported ReduceOp ", static_cast<int>(op.op_),
+      TORCH_CHECK_VALUE(false, "tcpx ", opName, ": unsupported ReduceOp ", static_cast<int>(op.op_),
                         " (allowed: SUM, AVG, PRODUCT, MIN, MAX, BAND, BOR, BXOR, PREMUL_SUM)");
   }
 }
 
+// The core's data type for a reducing op, or ValueError.
+DataType reduceType(const at::Tensor& t, const char* op) {
+  DataType dtype;
+  TORCH_CHECK_VALUE(mapDtype(t.scalar_type(), &dtype), "tcpx ", op, ": dtype ", t.scalar_type(),
+                    " is not supported (allowed: float32, float64, float16, bfloat16, int8, "
+                    "int16, int32, int64, uint8, bool)");
+  return dtype;
+}
+
+// ValueError unless every tensor has `like`'s dtype and `numel` elements.
+void checkSameShape(const std::vector<at::Tensor>& ts, const at::Tensor& like, int64_t numel,
+                    const char* op, const char* what) {
+  for (size_t i = 0; i < ts.size(); i++) {
+    checkTensor(ts[i], op, what);
+    TORCH_CHECK_VALUE(ts[i].scalar_type() == like.scalar_type() && ts[i].numel() == numel,
+                      "tcpx ", op, ": ", what, " ", i, " has ", ts[i].numel(), " elements of ",
+                      ts[i].scalar_type(), "; expected ", numel, " of ", like.scalar_type());
+  }
+}
+
+using ByteRange = std::pair<uintptr_t, uintptr_t>;
+
+ByteRange byteRange(const at::Tensor& contiguous) {
+  auto b = reinterpret_cast<uintptr_t>(contiguous.data_ptr());
+  return {b, b + static_cast<uintptr_t>(contiguous.nbytes())};
+}
+
+bool overlap(const ByteRange& a, const ByteRange& b) {
+  return a.first < b.second && b.first < a.second;
+}
+
+// Contiguous buffers that stand in for the user's tensors while an op runs:
+// the tensor itself when it is contiguous (and, for outputs, overlaps none
+// of `avoid`), else a contiguous copy; what the op writes is copied back
+// into the user's tensor when the work succeeds.
+class Staging {
+ public:
+  // Only read by the op.
+  at::Tensor in(const at::Tensor& t) { return add(t.is_contiguous() ? t : t.contiguous()); }
+  // Read and written (in-place ops).
+  at::Tensor inout(const at::Tensor& t) {
+    at::Tensor b = t.is_contiguous() ? t : t.contiguous();
+    if (!b.is_same(t)) back_.emplace_back(t, b);
+    return add(b);
+  }
+  // Only written; a fresh buffer when the tensor is not contiguous or
+  // overlaps one of `avoid` (the op's inputs).
+  at::Tensor out(const at::Tensor& t, const std::vector<at::Tensor>& avoid = {}) {
+    bool clash = false;
+    if (t.is_contiguous())
+      for (const at::Tensor& a : avoid) clash |= t.numel() && a.numel() && overlap(byteRange(t), byteRange(a));
+    if (t.is_contiguous() && !clash) return add(t);
+    at::Tensor b = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+    back_.emplace_back(t, b);
+    return add(b);
+  }
+  // Every buffer, to keep alive while the op runs.
+  const std::vector<at::Tensor>& buffers() const { return bufs_; }
+  // Makes `work` copy the results back before it completes.
+  void attach(WorkTCPX& work) const {
+    if (back_.empty()) return;
+    work.postprocess = [back = back_]() mutable {
+      for (auto& [user, buf] : back) user.copy_(buf);
+    };
+  }
+
+ private:
+  at::Tensor add(at::Tensor b) {
+    bufs_.push_back(b);
+    return b;
+  }
+  std::vector<at::Tensor> bufs_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> back_;
+};
+
+std::vector<const void*> constPtrs(const std::vector<at::Tensor>& ts) {
+  std::vector<const void*> v;
+  for (const at::Tensor& t : ts) v.push_back(t.data_ptr());
+  return v;
+}
+
+std::vector<void*> mutPtrs(const std::vector<at::Tensor>& ts) {
+  std::vector<void*> v;
+  for (const at::Tensor& t : ts) v.push_back(t.data_ptr());
+  return v;
+}
+
 }  // namespace
+
+// ------------------------------------------------------ coalesced batches
+
+// The ops issued while a batch is open, and the Work that completes when
+// all of them have (with the first error, if any).
+struct ProcessGroupTCPX::Batch {
+  std::mutex mu;
+  size_t pending = 0;
+  bool sealed = false;
+  TaskResult first;
+  std::vector<at::Tensor> outputs;
+  c10::intrusive_ptr<WorkTCPX> work;
+
+  void add(const std::vector<at::Tensor>& outs) {
+    std::lock_guard<std::mutex> lk(mu);
+    pending++;
+    outputs.insert(outputs.end(), outs.begin(), outs.end());
+  }
+  void done(const TaskResult& r) {
+    c10::intrusive_ptr<WorkTCPX> fire;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!r.ok() && first.ok()) first = r;
+      if (--pending == 0 && sealed) fire = work;
+    }
+    if (fire) fire->complete(first);
+  }
+  void seal(c10::intrusive_ptr<WorkTCPX> w) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      work = w;
+      sealed = true;
+      if (pending) return;
+    }
+    w->complete(first);
+  }
+};
 
 // ---------------------------------------------------------------- WorkTCPX
 
@@ -158,6 +286,7 @@ WorkTCPX::WorkTCPX(int rank, c10d::OpType opType, const char* profilingTitle,
           c10::ListType::create(c10::TensorType::get()))) {}
 
 void WorkTCPX::complete(const TaskResult& result) {
+  if (result.srcRank >= 0) srcRank = result.srcRank;
   if (result.ok()) {
     try {
       if (postprocess) postprocess();
@@ -199,7 +328,10 @@ int WorkTCPX::sourceRank() const {
 ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store, int rank,
                                    int size, std::chrono::milliseconds timeout,
                                    std::string groupName, std::vector<int64_t> globalRanks)
-    : c10d::Backend(rank, size), timeout_(timeout), groupName_(std::move(groupName)) {
+    : c10d::Backend(rank, size),
+      timeout_(timeout),
+      groupName_(std::move(groupName)),
+      globalRanks_(std::move(globalRanks)) {
   const Params* params = nullptr;
   check(getParams(&params));
   TORCH_CHECK_VALUE(params->net == "socket", "tcpx: TCPX_NET=", params->net,
@@ -212,8 +344,8 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
                 "have no effect in this build");
   });
   collConfig_ = CollConfig::fromParams(*params);
-  if (!globalRanks.empty() && static_cast<size_t>(rank) < globalRanks.size())
-    setLogRank(static_cast<int>(globalRanks[rank]));
+  if (!globalRanks_.empty() && static_cast<size_t>(rank) < globalRanks_.size())
+    setLogRank(static_cast<int>(globalRanks_[rank]));
   else
     setLogRank(rank);
   Net* net = nullptr;
@@ -243,6 +375,7 @@ ProcessGroupTCPX::~ProcessGroupTCPX() {
 c10::intrusive_ptr<c10d::Backend::Options> ProcessGroupTCPX::getBackendOptions() {
   auto o = c10::make_intrusive<c10d::Backend::Options>("tcpx", timeout_);
   o->group_name = groupName_;
+  for (int64_t g : globalRanks_) o->global_ranks_in_group.push_back(static_cast<uint64_t>(g));
   return o;
 }
 
@@ -255,11 +388,100 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> t
                                                          std::chrono::milliseconds timeout,
                                                          std::vector<at::Tensor> keep) {
   task->timeout = timeout;
+  std::vector<ByteRange> ranges;
+  for (const at::Tensor& t : keep)
+    if (t.numel()) ranges.push_back(byteRange(t));
+  for (auto& b : batches_) b->add(work->result());
   // The task holds the work and the buffers the net reads or writes until the
   // communicator lets go of it (which, after a failure, can be after the work
   // completed); the work holds nothing of the task.
-  task->onComplete = [work, keep = std::move(keep)](const TaskResult& r) { work->complete(r); };
+  task->onComplete = [work, keep = std::move(keep), batches = batches_](const TaskResult& r) {
+    work->complete(r);
+    for (auto& b : batches) b->done(r);
+  };
+  if (coalescing_ && task->type == Task::Type::kCollective) {
+    // The parts of a composite all prepare before any message moves, so an
+    // op that touches memory of a collected one starts a new composite.
+    bool clash = false;
+    for (auto& a : ranges)
+      for (auto& b : pendingRanges_) clash |= overlap(a, b);
+    if (clash) flushCoalesced();
+    pending_.push_back(std::static_pointer_cast<CollectiveTask>(task));
+    pendingRanges_.insert(pendingRanges_.end(), ranges.begin(), ranges.end());
+    return work;
+  }
   comm_->enqueue(std::move(task));
+  return work;
+}
+
+void ProcessGroupTCPX::flushCoalesced() {
+  if (pending_.empty()) return;
+  std::vector<std::shared_ptr<CollectiveTask>> parts;
+  parts.swap(pending_);
+  pendingRanges_.clear();
+  std::shared_ptr<CollectiveTask> task;
+  check(makeCoalesced(parts, &task));
+  if (parts.size() > 1) {
+    for (auto& p : parts) task->timeout = std::max(task->timeout, p->timeout);
+    task->onComplete = [parts](const TaskResult& r) {
+      for (auto& p : parts) p->onComplete(r);
+    };
+  }
+  comm_->enqueue(std::move(task));
+}
+
+void ProcessGroupTCPX::startCoalescing() {
+  TORCH_CHECK(!coalescing_, "tcpx: startCoalescing() called inside an open coalescing block");
+  coalescing_ = true;
+  batches_.push_back(std::make_shared<Batch>());
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::endCoalescing() {
+  TORCH_CHECK(coalescing_ && !batches_.empty(),
+              "tcpx: endCoalescing() called without startCoalescing()");
+  flushCoalesced();
+  coalescing_ = false;
+  auto batch = batches_.back();
+  batches_.pop_back();
+  auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::COALESCED, "tcpx:coalesced",
+                                            batch->outputs, "coalesced batch", std::nullopt);
+  batch->seal(work);
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::coalesce(c10d::OpType opType, const char* title,
+                                                          const std::function<void()>& issue) {
+  const bool outer = !coalescing_;
+  coalescing_ = true;
+  auto batch = std::make_shared<Batch>();
+  batches_.push_back(batch);
+  try {
+    issue();
+  } catch (...) {
+    // Bad input to one op: none of this call's ops runs (every rank fails
+    // the same way, so all stay in step), the error goes to the caller.
+    batches_.pop_back();
+    if (outer) {
+      coalescing_ = false;
+      std::vector<std::shared_ptr<CollectiveTask>> parts;
+      parts.swap(pending_);
+      pendingRanges_.clear();
+      TaskResult cancelled{tcpxInvalidArgument,
+                           "cancelled: another op of the same coalesced call was invalid"};
+      for (auto& p : parts) p->onComplete(cancelled);
+    }
+    batch->seal(c10::make_intrusive<WorkTCPX>(rank_, opType, title, std::vector<at::Tensor>{},
+                                              "cancelled batch", std::nullopt));
+    throw;
+  }
+  batches_.pop_back();
+  if (outer) {
+    flushCoalesced();
+    coalescing_ = false;
+  }
+  auto work = c10::make_intrusive<WorkTCPX>(rank_, opType, title, batch->outputs,
+                                            c10::str(title, " batch"), std::nullopt);
+  batch->seal(work);
   return work;
 }
 
@@ -385,6 +607,329 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
   return enqueue(task, work, opTimeout(opts.timeout), {inBuf, outBuf});
 }
 
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_coalesced(
+    std::vector<std::vector<at::Tensor>>& outputLists, std::vector<at::Tensor>& inputs,
+    const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK_VALUE(outputLists.size() == inputs.size(), "tcpx all_gather_coalesced: ",
+                    outputLists.size(), " output lists for ", inputs.size(),
+                    " input tensors (expected one list per input)");
+  return coalesce(c10d::OpType::ALLGATHER_COALESCED, "tcpx:all_gather_coalesced", [&] {
+    for (size_t i = 0; i < inputs.size(); i++) {
+      std::vector<std::vector<at::Tensor>> outs{outputLists[i]};
+      std::vector<at::Tensor> in{inputs[i]};
+      allgather(outs, in, opts);
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_into_tensor_coalesced(
+    std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+    const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx all_gather_into_tensor_coalesced: ",
+                    outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
+  return coalesce(c10d::OpType::COALESCED, "tcpx:all_gather_into_tensor_coalesced", [&] {
+    for (size_t i = 0; i < inputs.size(); i++) _allgather_base(outputs[i], inputs[i], opts);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce_coalesced(
+    std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) {
+  return coalesce(c10d::OpType::ALLREDUCE_COALESCED, "tcpx:all_reduce_coalesced", [&] {
+    for (at::Tensor& t : tensors) {
+      std::vector<at::Tensor> one{t};
+      allreduce(one, opts);
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter_tensor_coalesced(
+    std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+    const c10d::ReduceScatterOptions& opts) {
+  TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx reduce_scatter_tensor_coalesced: ",
+                    outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
+  return coalesce(c10d::OpType::REDUCE_SCATTER_TENSOR_COALESCED,
+                  "tcpx:reduce_scatter_tensor_coalesced", [&] {
+                    for (size_t i = 0; i < inputs.size(); i++)
+                      _reduce_scatter_base(outputs[i], inputs[i], opts);
+                  });
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce(std::vector<at::Tensor>& tensors,
+                                                        const c10d::ReduceOptions& opts) {
+  checkSingle(tensors, "reduce");
+  TORCH_CHECK_VALUE(opts.rootTensor == 0, "tcpx reduce: rootTensor must be 0, got ",
+                    opts.rootTensor);
+  TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, "tcpx reduce: root rank ",
+                    opts.rootRank, " is invalid: expected 0 <= root < ", size_);
+  at::Tensor& t = tensors[0];
+  DataType dtype = reduceType(t, "reduce");
+  double factor = 1.0;
+  RedOp op = mapRedOp(opts.reduceOp, &factor, "reduce");
+  Staging st;
+  at::Tensor buf = rank_ == opts.rootRank ? st.inout(t) : st.in(t);
+  std::shared_ptr<CollectiveTask> task;
+  check(makeReduce(*comm_, collConfig_, buf.data_ptr(), static_cast<size_t>(buf.numel()), dtype,
+                   op, factor, static_cast<int>(opts.rootRank), &task));
+  auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::REDUCE, "tcpx:reduce", tensors,
+                                            task->description,
+                                            std::optional<std::vector<at::Tensor>>(tensors));
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter(
+    std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
+    const c10d::ReduceScatterOptions& opts) {
+  checkSingle(outputs, "reduce_scatter");
+  TORCH_CHECK_VALUE(inputs.size() == 1, "tcpx reduce_scatter: expected one input list, got ",
+                    inputs.size());
+  TORCH_CHECK_VALUE(inputs[0].size() == static_cast<size_t>(size_), "tcpx reduce_scatter: ",
+                    inputs[0].size(), " input tensors given, expected one per rank (", size_, ")");
+  at::Tensor& out = outputs[0];
+  checkSameShape(inputs[0], out, out.numel(), "reduce_scatter", "input tensor");
+  DataType dtype = reduceType(out, "reduce_scatter");
+  double factor = 1.0;
+  RedOp op = mapRedOp(opts.reduceOp, &factor, "reduce_scatter");
+  Staging st;
+  std::vector<at::Tensor> ins;
+  for (const at::Tensor& i : inputs[0]) ins.push_back(st.in(i));
+  // The output may be this rank's own input block, nothing else of the input.
+  std::vector<at::Tensor> avoid;
+  for (int i = 0; i < size_; i++)
+    if (i != rank_ || !ins[i].is_same(out)) avoid.push_back(ins[i]);
+  at::Tensor o = st.out(out, avoid);
+  std::shared_ptr<CollectiveTask> task;
+  check(makeReduceScatter(*comm_, constPtrs(ins), o.data_ptr(), static_cast<size_t>(o.numel()),
+                          dtype, op, factor, &task));
+  auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::REDUCE_SCATTER,
+                                            "tcpx:reduce_scatter", outputs, task->description,
+                                            std::optional<std::vector<at::Tensor>>(inputs[0]));
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_reduce_scatter_base(
+    at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) {
+  checkTensor(input, "reduce_scatter_tensor", "input");
+  checkTensor(output, "reduce_scatter_tensor", "output");
+  TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(),
+                    "tcpx reduce_scatter_tensor: output dtype ", output.scalar_type(),
+                    " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.numel() == output.numel() * size_,
+                    "tcpx reduce_scatter_tensor: input has ", input.numel(),
+                    " elements, expected output size x world size = ", output.numel() * size_);
+  DataType dtype = reduceType(output, "reduce_scatter_tensor");
+  double factor = 1.0;
+  RedOp op = mapRedOp(opts.reduceOp, &factor, "reduce_scatter_tensor");
+  Staging st;
+  at::Tensor in = st.in(input);
+  const size_t count = static_cast<size_t>(output.numel());
+  const size_t segBytes = count * input.element_size();
+  std::vector<const void*> blocks;
+  for (int i = 0; i < size_; i++)
+    blocks.push_back(static_cast<const char*>(in.data_ptr()) + static_cast<size_t>(i) * segBytes);
+  // In place (the output is this rank's block of the input) is allowed.
+  bool ownBlock = output.is_contiguous() && output.data_ptr() == blocks[rank_];
+  at::Tensor o = ownBlock ? output : st.out(output, {in});
+  std::shared_ptr<CollectiveTask> task;
+  check(makeReduceScatter(*comm_, blocks, o.data_ptr(), count, dtype, op, factor, &task));
+  auto work = c10::make_intrusive<WorkTCPX>(
+      rank_, c10d::OpType::_REDUCE_SCATTER_BASE, "tcpx:reduce_scatter_tensor",
+      std::vector<at::Tensor>{output}, task->description,
+      std::optional<std::vector<at::Tensor>>(std::vector<at::Tensor>{input}));
+  st.attach(*work);
+  std::vector<at::Tensor> keep = st.buffers();
+  keep.push_back(o);
+  return enqueue(task, work, opTimeout(opts.timeout), std::move(keep));
+}
+
+namespace {
+
+// Split sizes of all_to_all_single along dim 0: empty = equal parts.
+std::vector<size_t> splitCounts(const at::Tensor& t, const std::vector<int64_t>& splits, int n,
+                                const char* which) {
+  const int64_t rows = t.dim() ? t.size(0) : 0;
+  std::vector<size_t> counts;
+  if (splits.empty()) {
+    TORCH_CHECK_VALUE(rows % n == 0, "tcpx all_to_all_single: ", which, " dim 0 (", rows,
+                      ") is not divisible by the world size (", n,
+                      "); pass split sizes for uneven splits");
+    counts.assign(static_cast<size_t>(n), static_cast<size_t>(rows / n));
+    return counts;
+  }
+  TORCH_CHECK_VALUE(splits.size() == static_cast<size_t>(n), "tcpx all_to_all_single: ", which,
+                    " split sizes have ", splits.size(), " entries, expected one per rank (", n,
+                    ")");
+  int64_t sum = 0;
+  for (int64_t v : splits) {
+    TORCH_CHECK_VALUE(v >= 0, "tcpx all_to_all_single: ", which, " split size ", v,
+                      " is negative");
+    sum += v;
+    counts.push_back(static_cast<size_t>(v));
+  }
+  TORCH_CHECK_VALUE(sum == rows, "tcpx all_to_all_single: ", which, " split sizes add up to ",
+                    sum, " but the tensor's dim 0 is ", rows);
+  return counts;
+}
+
+}  // namespace
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall_base(
+    at::Tensor& output, at::Tensor& input, std::vector<int64_t>& outputSplitSizes,
+    std::vector<int64_t>& inputSplitSizes, const c10d::AllToAllOptions& opts) {
+  checkTensor(input, "all_to_all_single", "input");
+  checkTensor(output, "all_to_all_single", "output");
+  TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(),
+                    "tcpx all_to_all_single: output dtype ", output.scalar_type(),
+                    " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() >= 1 && output.dim() >= 1,
+                    "tcpx all_to_all_single: input and output need at least one dimension");
+  const int64_t inRow = input.size(0) ? input.numel() / input.size(0) : 0;
+  const int64_t outRow = output.size(0) ? output.numel() / output.size(0) : 0;
+  TORCH_CHECK_VALUE(input.size(0) == 0 || output.size(0) == 0 || inRow == outRow,
+                    "tcpx all_to_all_single: input rows have ", inRow,
+                    " elements but output rows have ", outRow, " (dims after 0 must match)");
+  std::vector<size_t> sendRows = splitCounts(input, inputSplitSizes, size_, "input");
+  std::vector<size_t> recvRows = splitCounts(output, outputSplitSizes, size_, "output");
+  DataType dtype;
+  const size_t rowUnits = static_cast<size_t>(std::max(inRow, outRow)) * moveUnits(input, &dtype);
+  Staging st;
+  at::Tensor in = st.in(input);
+  at::Tensor o = st.out(output, {in});
+  const size_t unitBytes = dataTypeSize(dtype);
+  std::vector<const void*> sends;
+  std::vector<void*> recvs;
+  std::vector<size_t> sendCounts, recvCounts;
+  size_t sOff = 0, rOff = 0;
+  for (int i = 0; i < size_; i++) {
+    sends.push_back(static_cast<const char*>(in.data_ptr()) + sOff * unitBytes);
+    recvs.push_back(static_cast<char*>(o.data_ptr()) + rOff * unitBytes);
+    sendCounts.push_back(sendRows[i] * rowUnits);
+    recvCounts.push_back(recvRows[i] * rowUnits);
+    sOff += sendCounts.back();
+    rOff += recvCounts.back();
+  }
+  std::shared_ptr<CollectiveTask> task;
+  check(makeAlltoall(*comm_, sends, sendCounts, recvs, recvCounts, dtype, &task));
+  auto work = c10::make_intrusive<WorkTCPX>(
+      rank_, c10d::OpType::ALLTOALL_BASE, "tcpx:all_to_all_single",
+      std::vector<at::Tensor>{output}, task->description,
+      std::optional<std::vector<at::Tensor>>(std::vector<at::Tensor>{input}));
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall(std::vector<at::Tensor>& outputs,
+                                                          std::vector<at::Tensor>& inputs,
+                                                          const c10d::AllToAllOptions& opts) {
+  TORCH_CHECK_VALUE(inputs.size() == static_cast<size_t>(size_) &&
+                        outputs.size() == static_cast<size_t>(size_),
+                    "tcpx all_to_all: ", inputs.size(), " input and ", outputs.size(),
+                    " output tensors given, expected one of each per rank (", size_, ")");
+  for (int i = 0; i < size_; i++) {
+    checkTensor(inputs[i], "all_to_all", "input tensor");
+    checkTensor(outputs[i], "all_to_all", "output tensor");
+    TORCH_CHECK_VALUE(inputs[i].scalar_type() == inputs[0].scalar_type() &&
+                          outputs[i].scalar_type() == inputs[0].scalar_type(),
+                      "tcpx all_to_all: every input and output tensor must have dtype ",
+                      inputs[0].scalar_type(), "; tensor ", i, " has ", inputs[i].scalar_type(),
+                      " / ", outputs[i].scalar_type());
+  }
+  TORCH_CHECK_VALUE(inputs[rank_].numel() == outputs[rank_].numel(), "tcpx all_to_all: input ",
+                    rank_, " (to this rank itself) has ", inputs[rank_].numel(),
+                    " elements but output ", rank_, " has ", outputs[rank_].numel());
+  Staging st;
+  std::vector<at::Tensor> ins, outs;
+  for (const at::Tensor& i : inputs) ins.push_back(st.in(i));
+  for (const at::Tensor& o : outputs) outs.push_back(st.out(o, ins));
+  DataType dtype;
+  std::vector<size_t> sendCounts, recvCounts;
+  size_t count;
+  for (int i = 0; i < size_; i++) {
+    moveShape(ins[i], &dtype, &count);
+    sendCounts.push_back(count);
+    moveShape(outs[i], &dtype, &count);
+    recvCounts.push_back(count);
+  }
+  std::shared_ptr<CollectiveTask> task;
+  check(makeAlltoall(*comm_, constPtrs(ins), sendCounts, mutPtrs(outs), recvCounts, dtype, &task));
+  auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::ALLTOALL, "tcpx:all_to_all",
+                                            outputs, task->description,
+                                            std::optional<std::vector<at::Tensor>>(inputs));
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::gather(
+    std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
+    const c10d::GatherOptions& opts) {
+  checkSingle(inputs, "gather");
+  TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, "tcpx gather: root rank ",
+                    opts.rootRank, " is invalid: expected 0 <= root < ", size_);
+  const bool isRoot = rank_ == opts.rootRank;
+  const at::Tensor& input = inputs[0];
+  Staging st;
+  std::vector<at::Tensor> outs;
+  if (isRoot) {
+    TORCH_CHECK_VALUE(outputs.size() == 1 && outputs[0].size() == static_cast<size_t>(size_),
+                      "tcpx gather: the root needs a gather_list of one tensor per rank (", size_,
+                      "), got ", outputs.empty() ? 0 : outputs[0].size());
+    checkSameShape(outputs[0], input, input.numel(), "gather", "gather_list tensor");
+  } else {
+    TORCH_CHECK_VALUE(outputs.empty() || (outputs.size() == 1 && outputs[0].empty()),
+                      "tcpx gather: gather_list must be empty on non-root ranks");
+  }
+  at::Tensor in = st.in(input);
+  if (isRoot)
+    for (const at::Tensor& o : outputs[0]) outs.push_back(st.out(o, {in}));
+  DataType dtype;
+  size_t count;
+  moveShape(in, &dtype, &count);
+  std::shared_ptr<CollectiveTask> task;
+  check(makeGather(*comm_, in.data_ptr(), mutPtrs(outs), count, dtype,
+                   static_cast<int>(opts.rootRank), &task));
+  auto work = c10::make_intrusive<WorkTCPX>(
+      rank_, c10d::OpType::GATHER, "tcpx:gather",
+      isRoot ? outputs[0] : std::vector<at::Tensor>{}, task->description,
+      std::optional<std::vector<at::Tensor>>(inputs));
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::scatter(
+    std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
+    const c10d::ScatterOptions& opts) {
+  checkSingle(outputs, "scatter");
+  TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, "tcpx scatter: root rank ",
+                    opts.rootRank, " is invalid: expected 0 <= root < ", size_);
+  const bool isRoot = rank_ == opts.rootRank;
+  const at::Tensor& output = outputs[0];
+  Staging st;
+  std::vector<at::Tensor> ins;
+  if (isRoot) {
+    TORCH_CHECK_VALUE(inputs.size() == 1 && inputs[0].size() == static_cast<size_t>(size_),
+                      "tcpx scatter: the root needs a scatter_list of one tensor per rank (",
+                      size_, "), got ", inputs.empty() ? 0 : inputs[0].size());
+    checkSameShape(inputs[0], output, output.numel(), "scatter", "scatter_list tensor");
+    for (const at::Tensor& i : inputs[0]) ins.push_back(st.in(i));
+  } else {
+    TORCH_CHECK_VALUE(inputs.empty() || (inputs.size() == 1 && inputs[0].empty()),
+                      "tcpx scatter: scatter_list must be empty on non-root ranks");
+  }
+  at::Tensor o = st.out(output, ins);
+  DataType dtype;
+  size_t count;
+  moveShape(o, &dtype, &count);
+  std::shared_ptr<CollectiveTask> task;
+  check(makeScatter(*comm_, constPtrs(ins), o.data_ptr(), count, dtype,
+                    static_cast<int>(opts.rootRank), &task));
+  auto work = c10::make_intrusive<WorkTCPX>(
+      rank_, c10d::OpType::SCATTER, "tcpx:scatter", outputs, task->description,
+      isRoot ? std::optional<std::vector<at::Tensor>>(inputs[0]) : std::nullopt);
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::barrier(const c10d::BarrierOptions& opts) {
   std::shared_ptr<CollectiveTask> task;
   check(makeBarrier(*comm_, &task));
@@ -426,6 +971,42 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& t
   work->srcRank = srcRank;
   if (!buf.is_same(t)) work->postprocess = [t, buf]() mutable { t.copy_(buf); };
   return enqueue(task, work, timeout_, {buf});
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recvAnysource(std::vector<at::Tensor>& tensors,
+                                                               int tag) {
+  checkSingle(tensors, "recv");
+  at::Tensor& t = tensors[0];
+  Staging st;
+  at::Tensor buf = st.out(t);
+  DataType dtype;
+  size_t count;
+  moveShape(buf, &dtype, &count);
+  std::shared_ptr<P2PTask> task;
+  check(makeRecvAnySource(*comm_, buf.data_ptr(), count, dtype, tag, &task));
+  auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::RECVANYSOURCE, "tcpx:recv",
+                                            tensors, task->description, std::nullopt);
+  st.attach(*work);
+  return enqueue(task, work, timeout_, st.buffers());
+}
+
+c10::intrusive_ptr<c10d::Backend> ProcessGroupTCPX::split(
+    const c10::intrusive_ptr<c10d::Store>& store, const std::vector<int>& ranks,
+    const c10::intrusive_ptr<Options>& opts) {
+  // `ranks` are ranks of this group; a rank outside them gets no backend.
+  auto it = std::find(ranks.begin(), ranks.end(), rank_);
+  if (it == ranks.end()) return nullptr;
+  std::vector<int64_t> global;
+  for (int r : ranks) {
+    TORCH_CHECK_VALUE(r >= 0 && r < size_, "tcpx split: rank ", r,
+                      " is not a rank of the parent group (size ", size_, ")");
+    global.push_back(globalRanks_.empty() ? r : globalRanks_[r]);
+  }
+  auto timeout = opts && opts->timeout.count() > 0 ? opts->timeout : timeout_;
+  std::string name = opts && !opts->group_name.empty() ? opts->group_name : groupName_ + ":split";
+  return c10::make_intrusive<ProcessGroupTCPX>(store, static_cast<int>(it - ranks.begin()),
+                                               static_cast<int>(ranks.size()), timeout, name,
+                                               global);
 }
 
 void ProcessGroupTCPX::checkPeer(int peer, const char* op, const char* role) const {

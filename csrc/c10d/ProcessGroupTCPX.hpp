@@ -13,6 +13,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -76,11 +77,62 @@ class ProcessGroupTCPX : public c10d::Backend {
                                            const c10d::AllgatherOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
                                                  const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_coalesced(
+      std::vector<std::vector<at::Tensor>>& outputLists, std::vector<at::Tensor>& inputs,
+      const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_into_tensor_coalesced(
+      std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+      const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
+      std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors,
+                                        const c10d::ReduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                std::vector<std::vector<at::Tensor>>& inputs,
+                                                const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
+      at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter_tensor_coalesced(
+      std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+      const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
+                                               std::vector<int64_t>& outputSplitSizes,
+                                               std::vector<int64_t>& inputSplitSizes,
+                                               const c10d::AllToAllOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall(std::vector<at::Tensor>& outputs,
+                                          std::vector<at::Tensor>& inputs,
+                                          const c10d::AllToAllOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                        std::vector<at::Tensor>& inputs,
+                                        const c10d::GatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> scatter(std::vector<at::Tensor>& outputs,
+                                         std::vector<std::vector<at::Tensor>>& inputs,
+                                         const c10d::ScatterOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dstRank,
                                       int tag) override;
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int srcRank,
                                       int tag) override;
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors,
+                                               int tag) override;
+
+  // Coalescing (ProcessGroupNCCL's contract): between startCoalescing and
+  // endCoalescing, collectives are collected instead of started and then run
+  // as one operation (one schedule, one sequence number: their messages
+  // overlap, so a batch of k small ops costs about one op's round trips, not
+  // k). Point-to-point ops start at once as usual. endCoalescing returns a
+  // Work that completes when every op of the batch has; each op's own Work
+  // completes too. Used by _coalescing_manager and batch_isend_irecv.
+  bool supportsCoalescing() const override { return true; }
+  void startCoalescing() override;
+  c10::intrusive_ptr<c10d::Work> endCoalescing() override;
+
+  // split_group: a new backend over `ranks` (global ranks of the parent's
+  // world, this rank among them), bootstrapped through `store`.
+  bool supportsSplitting() const override { return true; }
+  c10::intrusive_ptr<c10d::Backend> split(const c10::intrusive_ptr<c10d::Store>& store,
+                                          const std::vector<int>& ranks,
+                                          const c10::intrusive_ptr<Options>& opts) override;
 
   uint64_t getSequenceNumberForGroup() override;
   void setSequenceNumberForGroup() override {}  // every rank starts at 0 already
@@ -88,6 +140,14 @@ class ProcessGroupTCPX : public c10d::Backend {
   void shutdown() override;
 
  private:
+  struct Batch;
+  // Runs `issue` (which issues several ops) as one coalesced batch and
+  // returns the batch's Work; inside an open coalescing block the ops join it.
+  c10::intrusive_ptr<c10d::Work> coalesce(c10d::OpType opType, const char* title,
+                                          const std::function<void()>& issue);
+  // Starts the collectives collected so far as one composite operation.
+  void flushCoalesced();
+
   // Enqueues `task`, completing `work` from the worker; `keep` are the
   // buffers the task reads or writes (kept alive as long as the task).
   c10::intrusive_ptr<c10d::Work> enqueue(std::shared_ptr<Task> task,
@@ -102,6 +162,13 @@ class ProcessGroupTCPX : public c10d::Backend {
   CollConfig collConfig_;
   std::chrono::milliseconds timeout_;
   std::string groupName_;
+  std::vector<int64_t> globalRanks_;
+
+  // Coalescing state (touched only by the thread that issues ops).
+  bool coalescing_ = false;
+  std::vector<std::shared_ptr<Batch>> batches_;           // open batches, outermost first
+  std::vector<std::shared_ptr<CollectiveTask>> pending_;  // collectives not started yet
+  std::vector<std::pair<uintptr_t, uintptr_t>> pendingRanges_;  // memory they touch
 };
 
 }  // namespace tcpx

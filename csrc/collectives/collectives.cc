@@ -5,6 +5,7 @@
 #include "collectives/algorithms.h"
 #include "collectives/reduce.h"
 #include "common/utils.h"
+#include "transport/message.h"
 
 namespace tcpx {
 namespace {
@@ -35,6 +36,67 @@ tcpxResult_t checkPeer(const Communicator& comm, int peer, const char* what) {
   return tcpxSuccess;
 }
 
+tcpxResult_t checkRedOp(RedOp op, DataType dtype, const char* what) {
+  if (!redOpSupported(op, dtype))
+    TCPX_ERR(tcpxInvalidArgument, "%s: ReduceOp.%s is not supported for %s tensors%s", what,
+             redOpName(op), dataTypeName(dtype),
+             isFloatingType(dtype) ? " (bitwise ops need integer or bool tensors)"
+                                   : op == RedOp::kPremulSum
+                                         ? " (PREMUL_SUM needs a floating-point tensor)"
+                                         : "");
+  return tcpxSuccess;
+}
+
+// Scratch memory a task allocates when it starts (not while it is queued)
+// and keeps until it is destroyed: in-flight sends of a failed task may
+// still read it, and the task outlives them (communicator's draining list).
+class Scratch {
+ public:
+  // nullptr when out of memory (then the build fails with tcpxSystemError).
+  char* alloc(size_t bytes) {
+    bufs_.push_back(allocAligned(bytes));
+    return bufs_.back().get();
+  }
+
+ private:
+  std::vector<AlignedBuf> bufs_;
+};
+
+#define TCPX_ALLOC(var, scratch, bytes)                                                  \
+  char* var = (scratch)->alloc(bytes);                                                   \
+  if (!var)                                                                               \
+    TCPX_ERR(tcpxSystemError, "out of memory for %s of scratch", formatBytes(bytes).c_str())
+
+// PREMUL_SUM multiplies this rank's contribution before the sum; ops that
+// must leave their input unchanged scale a copy (returned; else `in`).
+tcpxResult_t premulInput(Scratch* scratch, const char* in, size_t count, DataType dtype,
+                         RedOp op, double factor, const char** out) {
+  *out = in;
+  if (op != RedOp::kPremulSum || count == 0) return tcpxSuccess;
+  const size_t bytes = count * dataTypeSize(dtype);
+  TCPX_ALLOC(copy, scratch, bytes);
+  memcpy(copy, in, bytes);
+  scaleInPlace(copy, count, dtype, factor);
+  *out = copy;
+  return tcpxSuccess;
+}
+
+void setHeader(Schedule* s, OpKind kind, uint8_t algo, DataType dtype, RedOp op, uint16_t phash) {
+  s->header.kind = kind;
+  s->header.algo = algo;
+  s->header.dtype = dtype;
+  s->header.redop = op;
+  s->header.phash = phash;
+}
+
+std::function<tcpxResult_t()> avgFinish(RedOp op, void* buf, size_t count, DataType dtype, int n) {
+  if (op != RedOp::kAvg) return nullptr;
+  return [=]() -> tcpxResult_t {
+    divideInPlace(buf, count, dtype, n);
+    return tcpxSuccess;
+  };
+}
+
 }  // namespace
 
 CollConfig CollConfig::fromParams(const Params& p) {
@@ -48,13 +110,7 @@ CollConfig CollConfig::fromParams(const Params& p) {
 tcpxResult_t makeAllreduce(const Communicator& comm, const CollConfig& cfg, void* buf,
                            size_t count, DataType dtype, RedOp op, double premulFactor,
                            std::shared_ptr<CollectiveTask>* out) {
-  if (!redOpSupported(op, dtype))
-    TCPX_ERR(tcpxInvalidArgument, "all_reduce: ReduceOp.%s is not supported for %s tensors%s",
-             redOpName(op), dataTypeName(dtype),
-             isFloatingType(dtype) ? " (bitwise ops need integer or bool tensors)"
-                                   : op == RedOp::kPremulSum
-                                         ? " (PREMUL_SUM needs a floating-point tensor)"
-                                         : "");
+  TCPX_CHECK(checkRedOp(op, dtype, "all_reduce"));
   const size_t esz = dataTypeSize(dtype);
   const size_t bytes = count * esz;
   const int n = comm.nranks();
@@ -65,23 +121,207 @@ tcpxResult_t makeAllreduce(const Communicator& comm, const CollConfig& cfg, void
   char* p = static_cast<char*>(buf);
   uint8_t algoId = algo == "ring" ? kAllreduceRing : kAllreduceRd;
   t->build = [=](Schedule* s) -> tcpxResult_t {
-    s->header.kind = OpKind::kAllreduce;
-    s->header.algo = algoId;
-    s->header.dtype = dtype;
-    s->header.redop = op;
-    s->header.phash = paramHash(count);
+    setHeader(s, OpKind::kAllreduce, algoId, dtype, op, paramHash(count));
     s->reduceFn = reduceThunk;
     if (op == RedOp::kPremulSum) scaleInPlace(p, count, dtype, premulFactor);
     if (algoId == kAllreduceRing) buildRingAllreduce(s, p, count, esz);
     else buildRdAllreduce(s, p, count, esz);
     return tcpxSuccess;
   };
-  if (op == RedOp::kAvg) {
-    t->finish = [=]() -> tcpxResult_t {
-      divideInPlace(p, count, dtype, n);
+  t->finish = avgFinish(op, p, count, dtype, n);
+  *out = t;
+  return tcpxSuccess;
+}
+
+tcpxResult_t makeReduce(const Communicator& comm, const CollConfig& cfg, void* buf, size_t count,
+                        DataType dtype, RedOp op, double premulFactor, int root,
+                        std::shared_ptr<CollectiveTask>* out) {
+  TCPX_CHECK(checkRoot(comm, root, "reduce"));
+  TCPX_CHECK(checkRedOp(op, dtype, "reduce"));
+  const size_t esz = dataTypeSize(dtype);
+  const size_t bytes = count * esz;
+  const bool tree = bytes <= cfg.threshold;
+  const uint8_t algoId = tree ? kReduceTree : kReduceChain;
+  const bool isRoot = comm.rank() == root;
+  auto t = std::make_shared<CollectiveTask>();
+  t->description = describe("reduce", dtype, count,
+                            strFormat("%s, root %d", redOpName(op), root).c_str());
+  char* p = static_cast<char*>(buf);
+  auto scratch = std::make_shared<Scratch>();
+  t->build = [=](Schedule* s) -> tcpxResult_t {
+    setHeader(s, OpKind::kReduce, algoId, dtype, op, paramHash(count, static_cast<uint64_t>(root)));
+    s->reduceFn = reduceThunk;
+    // The root reduces into its own buffer; the others keep theirs intact
+    // and accumulate partial sums in scratch.
+    const char* in = p;
+    char* acc = p;
+    if (isRoot) {
+      if (op == RedOp::kPremulSum) scaleInPlace(p, count, dtype, premulFactor);
+    } else {
+      TCPX_CHECK(premulInput(scratch.get(), p, count, dtype, op, premulFactor, &in));
+      TCPX_ALLOC(partial, scratch, bytes);
+      acc = partial;
+    }
+    if (tree) buildTreeReduce(s, in, acc, bytes, esz, root);
+    else buildChainReduce(s, in, acc, bytes, esz, root);
+    return tcpxSuccess;
+  };
+  if (isRoot) t->finish = avgFinish(op, p, count, dtype, comm.nranks());
+  *out = t;
+  return tcpxSuccess;
+}
+
+tcpxResult_t makeReduceScatter(const Communicator& comm, const std::vector<const void*>& inputs,
+                               void* output, size_t count, DataType dtype, RedOp op,
+                               double premulFactor, std::shared_ptr<CollectiveTask>* out) {
+  const int n = comm.nranks();
+  const int r = comm.rank();
+  if (inputs.size() != static_cast<size_t>(n))
+    TCPX_ERR(tcpxInvalidArgument,
+             "reduce_scatter: %zu input blocks given, expected one per rank (%d)", inputs.size(), n);
+  TCPX_CHECK(checkRedOp(op, dtype, "reduce_scatter"));
+  const size_t esz = dataTypeSize(dtype);
+  const size_t segBytes = count * esz;
+  auto t = std::make_shared<CollectiveTask>();
+  t->description = describe("reduce_scatter", dtype, count, redOpName(op));
+  char* o = static_cast<char*>(output);
+  auto scratch = std::make_shared<Scratch>();
+  std::vector<const char*> ins;
+  for (const void* i : inputs) ins.push_back(static_cast<const char*>(i));
+  t->build = [=](Schedule* s) -> tcpxResult_t {
+    setHeader(s, OpKind::kReduceScatter, kReduceScatterRing, dtype, op, paramHash(count));
+    s->reduceFn = reduceThunk;
+    std::vector<const char*> in(ins);
+    for (auto& i : in) TCPX_CHECK(premulInput(scratch.get(), i, count, dtype, op, premulFactor, &i));
+    if (n == 1) {
+      if (segBytes) memcpy(o, in[0], segBytes);
       return tcpxSuccess;
-    };
+    }
+    // Partial sums of the blocks that pass through this rank go to scratch;
+    // the block this rank keeps accumulates in the output.
+    TCPX_ALLOC(partials, scratch, segBytes * static_cast<size_t>(n));
+    std::vector<char*> acc;
+    for (int i = 0; i < n; i++) acc.push_back(i == r ? o : partials + static_cast<size_t>(i) * segBytes);
+    buildRingReduceScatter(s, in, acc, segBytes, esz);
+    return tcpxSuccess;
+  };
+  t->finish = avgFinish(op, o, count, dtype, n);
+  *out = t;
+  return tcpxSuccess;
+}
+
+tcpxResult_t makeAlltoall(const Communicator& comm, const std::vector<const void*>& sends,
+                          const std::vector<size_t>& sendCounts, const std::vector<void*>& recvs,
+                          const std::vector<size_t>& recvCounts, DataType dtype,
+                          std::shared_ptr<CollectiveTask>* out) {
+  const size_t n = static_cast<size_t>(comm.nranks());
+  if (sends.size() != n || sendCounts.size() != n || recvs.size() != n || recvCounts.size() != n)
+    TCPX_ERR(tcpxInvalidArgument,
+             "all_to_all: %zu send and %zu receive blocks given, expected one per rank (%zu)",
+             sends.size(), recvs.size(), n);
+  const int r = comm.rank();
+  if (sendCounts[r] != recvCounts[r])
+    TCPX_ERR(tcpxInvalidArgument,
+             "all_to_all: this rank sends itself %zu elements but expects to receive %zu",
+             sendCounts[r], recvCounts[r]);
+  const size_t esz = dataTypeSize(dtype);
+  std::vector<const char*> sb;
+  std::vector<char*> rb;
+  std::vector<size_t> sBytes, rBytes;
+  size_t total = 0;
+  for (size_t i = 0; i < n; i++) {
+    sb.push_back(static_cast<const char*>(sends[i]));
+    rb.push_back(static_cast<char*>(recvs[i]));
+    sBytes.push_back(sendCounts[i] * esz);
+    rBytes.push_back(recvCounts[i] * esz);
+    total += sendCounts[i];
   }
+  auto t = std::make_shared<CollectiveTask>();
+  t->description = describe("all_to_all", dtype, total);
+  t->build = [=](Schedule* s) -> tcpxResult_t {
+    setHeader(s, OpKind::kAlltoall, kAlltoallPairwise, dtype, RedOp::kSum, paramHash(n));
+    if (sBytes[r]) memmove(rb[r], sb[r], sBytes[r]);
+    buildPairwiseAlltoall(s, sb, sBytes, rb, rBytes);
+    return tcpxSuccess;
+  };
+  *out = t;
+  return tcpxSuccess;
+}
+
+tcpxResult_t makeGather(const Communicator& comm, const void* input,
+                        const std::vector<void*>& outputs, size_t count, DataType dtype, int root,
+                        std::shared_ptr<CollectiveTask>* out) {
+  TCPX_CHECK(checkRoot(comm, root, "gather"));
+  const bool isRoot = comm.rank() == root;
+  if (isRoot && outputs.size() != static_cast<size_t>(comm.nranks()))
+    TCPX_ERR(tcpxInvalidArgument, "gather: %zu output buffers given on the root, expected %d",
+             outputs.size(), comm.nranks());
+  const size_t bytes = count * dataTypeSize(dtype);
+  std::vector<char*> outs;
+  for (void* o : outputs) outs.push_back(static_cast<char*>(o));
+  const char* in = static_cast<const char*>(input);
+  auto t = std::make_shared<CollectiveTask>();
+  t->description = describe("gather", dtype, count, strFormat("root %d", root).c_str());
+  t->build = [=](Schedule* s) -> tcpxResult_t {
+    setHeader(s, OpKind::kGather, kGatherDirect, dtype, RedOp::kSum,
+              paramHash(count, static_cast<uint64_t>(root)));
+    if (isRoot && bytes && outs[root] != in) memmove(outs[root], in, bytes);
+    buildDirectGather(s, in, outs, bytes, root);
+    return tcpxSuccess;
+  };
+  *out = t;
+  return tcpxSuccess;
+}
+
+tcpxResult_t makeScatter(const Communicator& comm, const std::vector<const void*>& inputs,
+                         void* output, size_t count, DataType dtype, int root,
+                         std::shared_ptr<CollectiveTask>* out) {
+  TCPX_CHECK(checkRoot(comm, root, "scatter"));
+  const bool isRoot = comm.rank() == root;
+  if (isRoot && inputs.size() != static_cast<size_t>(comm.nranks()))
+    TCPX_ERR(tcpxInvalidArgument, "scatter: %zu input buffers given on the root, expected %d",
+             inputs.size(), comm.nranks());
+  const size_t bytes = count * dataTypeSize(dtype);
+  std::vector<const char*> ins;
+  for (const void* i : inputs) ins.push_back(static_cast<const char*>(i));
+  char* o = static_cast<char*>(output);
+  auto t = std::make_shared<CollectiveTask>();
+  t->description = describe("scatter", dtype, count, strFormat("root %d", root).c_str());
+  t->build = [=](Schedule* s) -> tcpxResult_t {
+    setHeader(s, OpKind::kScatter, kScatterDirect, dtype, RedOp::kSum,
+              paramHash(count, static_cast<uint64_t>(root)));
+    if (isRoot && bytes && ins[root] != o) memmove(o, ins[root], bytes);
+    buildDirectScatter(s, ins, o, bytes, root);
+    return tcpxSuccess;
+  };
+  *out = t;
+  return tcpxSuccess;
+}
+
+tcpxResult_t makeCoalesced(const std::vector<std::shared_ptr<CollectiveTask>>& parts,
+                           std::shared_ptr<CollectiveTask>* out) {
+  if (parts.empty()) TCPX_ERR(tcpxInvalidArgument, "coalesced: no operations to run");
+  if (parts.size() == 1) {
+    *out = parts[0];
+    return tcpxSuccess;
+  }
+  auto t = std::make_shared<CollectiveTask>();
+  std::string what;
+  for (size_t i = 0; i < parts.size() && i < 3; i++) what += (i ? ", " : "") + parts[i]->description;
+  if (parts.size() > 3) what += ", ...";
+  t->description = strFormat("coalesced(%zu ops: %s)", parts.size(), what.c_str());
+  t->build = [parts](Schedule* s) -> tcpxResult_t {
+    for (auto& p : parts) {
+      s->header = MsgHeader();
+      if (p->build) TCPX_CHECK(p->build(s));
+    }
+    return tcpxSuccess;
+  };
+  t->finish = [parts]() -> tcpxResult_t {
+    for (auto& p : parts)
+      if (p->finish) TCPX_CHECK(p->finish());
+    return tcpxSuccess;
+  };
   *out = t;
   return tcpxSuccess;
 }
@@ -98,10 +338,8 @@ tcpxResult_t makeBroadcast(const Communicator& comm, const CollConfig& cfg, void
   t->description = describe("broadcast", dtype, count, strFormat("root %d", root).c_str());
   char* p = static_cast<char*>(buf);
   t->build = [=](Schedule* s) -> tcpxResult_t {
-    s->header.kind = OpKind::kBroadcast;
-    s->header.algo = algoId;
-    s->header.dtype = dtype;
-    s->header.phash = paramHash(count, static_cast<uint64_t>(root));
+    setHeader(s, OpKind::kBroadcast, algoId, dtype, RedOp::kSum,
+              paramHash(count, static_cast<uint64_t>(root)));
     if (algoId == kBroadcastTree) buildTreeBroadcast(s, p, bytes, root);
     else buildChainBroadcast(s, p, bytes, root);
     return tcpxSuccess;
@@ -125,10 +363,7 @@ tcpxResult_t makeAllgather(const Communicator& comm, const void* input,
   const char* in = static_cast<const char*>(input);
   const int r = comm.rank();
   t->build = [=](Schedule* s) -> tcpxResult_t {
-    s->header.kind = OpKind::kAllgather;
-    s->header.algo = kAllgatherRing;
-    s->header.dtype = dtype;
-    s->header.phash = paramHash(count);
+    setHeader(s, OpKind::kAllgather, kAllgatherRing, dtype, RedOp::kSum, paramHash(count));
     if (bytes && segs[r] != in) memmove(segs[r], in, bytes);
     buildRingAllgather(s, segs, bytes);
     return tcpxSuccess;
@@ -143,9 +378,7 @@ tcpxResult_t makeBarrier(const Communicator& comm, std::shared_ptr<CollectiveTas
   // One token and one sink byte per round, owned by the task.
   auto scratch = std::make_shared<std::vector<char>>(128, 0);
   t->build = [scratch](Schedule* s) -> tcpxResult_t {
-    s->header.kind = OpKind::kBarrier;
-    s->header.algo = kBarrierDissemination;
-    s->header.dtype = DataType::kUInt8;
+    setHeader(s, OpKind::kBarrier, kBarrierDissemination, DataType::kUInt8, RedOp::kSum, 0);
     buildDisseminationBarrier(s, scratch->data(), scratch->data() + 64);
     return tcpxSuccess;
   };
@@ -165,6 +398,21 @@ tcpxResult_t makeSend(const Communicator& comm, const void* data, size_t count, 
   t->dtype = dtype;
   t->description = strFormat("send(%s, %zu elements, to rank %d, tag %lld)", dataTypeName(dtype),
                              count, peer, static_cast<long long>(tag));
+  *out = t;
+  return tcpxSuccess;
+}
+
+tcpxResult_t makeRecvAnySource(const Communicator& comm, void* data, size_t count,
+                               DataType dtype, int64_t tag, std::shared_ptr<P2PTask>* out) {
+  (void)comm;
+  auto t = std::make_shared<P2PTask>(Task::Type::kRecv);
+  t->peer = P2PTask::kAnySource;
+  t->tag = tag;
+  t->data = data;
+  t->bytes = count * dataTypeSize(dtype);
+  t->dtype = dtype;
+  t->description = strFormat("recv(%s, %zu elements, from any rank, tag %lld)",
+                             dataTypeName(dtype), count, static_cast<long long>(tag));
   *out = t;
   return tcpxSuccess;
 }

@@ -45,6 +45,51 @@ tcpxResult_t makeAllgather(const Communicator& comm, const void* input,
                            const std::vector<void*>& outputs, size_t count, DataType dtype,
                            std::shared_ptr<CollectiveTask>* out);
 
+// Reduce to `root` of `count` elements at `buf`: the root's buffer receives
+// the result (in place); the other ranks' buffers are only read. Tree at or
+// below cfg.threshold bytes, chain above.
+tcpxResult_t makeReduce(const Communicator& comm, const CollConfig& cfg, void* buf, size_t count,
+                        DataType dtype, RedOp op, double premulFactor, int root,
+                        std::shared_ptr<CollectiveTask>* out);
+
+// Reduce-scatter: inputs[i] (`count` elements each, one per rank) is this
+// rank's contribution to the block that rank i receives; `output` receives
+// this rank's reduced block. Inputs are only read (they may alias each other
+// but not the output). Ring algorithm.
+tcpxResult_t makeReduceScatter(const Communicator& comm, const std::vector<const void*>& inputs,
+                               void* output, size_t count, DataType dtype, RedOp op,
+                               double premulFactor, std::shared_ptr<CollectiveTask>* out);
+
+// All-to-all: sends[i] (sendCounts[i] elements) goes to rank i, recvs[i]
+// (recvCounts[i] elements) comes from rank i; counts may differ per rank
+// (uneven splits) and must agree pairwise between ranks. Send and receive
+// buffers must not overlap. Pairwise exchange.
+tcpxResult_t makeAlltoall(const Communicator& comm, const std::vector<const void*>& sends,
+                          const std::vector<size_t>& sendCounts, const std::vector<void*>& recvs,
+                          const std::vector<size_t>& recvCounts, DataType dtype,
+                          std::shared_ptr<CollectiveTask>* out);
+
+// Gather to `root`: on the root outputs[i] receives rank i's `count`
+// elements (outputs is empty elsewhere); `input` is this rank's.
+tcpxResult_t makeGather(const Communicator& comm, const void* input,
+                        const std::vector<void*>& outputs, size_t count, DataType dtype, int root,
+                        std::shared_ptr<CollectiveTask>* out);
+
+// Scatter from `root`: on the root inputs[i] (`count` elements) goes to rank
+// i (inputs is empty elsewhere); `output` receives this rank's block.
+tcpxResult_t makeScatter(const Communicator& comm, const std::vector<const void*>& inputs,
+                         void* output, size_t count, DataType dtype, int root,
+                         std::shared_ptr<CollectiveTask>* out);
+
+// One collective made of several (a coalesced batch): their steps share one
+// schedule and one sequence number, so their messages overlap instead of
+// running one operation after another. Each part keeps its own header, so a
+// rank that coalesced differently gets a mismatch error. The parts must not
+// touch overlapping memory (their local steps all run before any message).
+// The composite's onComplete is the caller's; the parts' are not called.
+tcpxResult_t makeCoalesced(const std::vector<std::shared_ptr<CollectiveTask>>& parts,
+                           std::shared_ptr<CollectiveTask>* out);
+
 // Barrier: completes once every rank of the group has entered it.
 tcpxResult_t makeBarrier(const Communicator& comm, std::shared_ptr<CollectiveTask>* out);
 
@@ -53,5 +98,9 @@ tcpxResult_t makeSend(const Communicator& comm, const void* data, size_t count, 
                       int peer, int64_t tag, std::shared_ptr<P2PTask>* out);
 tcpxResult_t makeRecv(const Communicator& comm, void* data, size_t count, DataType dtype,
                       int peer, int64_t tag, std::shared_ptr<P2PTask>* out);
+// A receive from whichever rank sends first with this tag (MPI_ANY_SOURCE);
+// the task's srcRank says which.
+tcpxResult_t makeRecvAnySource(const Communicator& comm, void* data, size_t count,
+                               DataType dtype, int64_t tag, std::shared_ptr<P2PTask>* out);
 
 }  // namespace tcpx

@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -103,6 +104,16 @@ void randomBytes(void* out, size_t n) {
 int64_t msUntil(Clock::time_point deadline) {
   auto d = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
   return d.count() > 0 ? d.count() : 0;
+}
+
+namespace {
+void freeAligned(char* p) { free(p); }
+}  // namespace
+
+AlignedBuf allocAligned(size_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, std::max<size_t>(bytes, 64)) != 0) p = nullptr;
+  return AlignedBuf(static_cast<char*>(p), freeAligned);
 }
 
 }  // namespace tcpx

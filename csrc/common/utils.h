@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,5 +29,11 @@ void randomBytes(void* out, size_t n);
 
 // Milliseconds from `now` to `deadline`, at least 0.
 int64_t msUntil(Clock::time_point deadline);
+
+// Page-aligned heap memory (bounce buffers, scratch): aligned for the
+// vectorised reduction kernels and for page-granular pinning later.
+// allocAligned returns an empty pointer when out of memory.
+using AlignedBuf = std::unique_ptr<char, void (*)(char*)>;
+AlignedBuf allocAligned(size_t bytes);
 
 }  // namespace tcpx

@@ -43,14 +43,6 @@ struct WireP2P {
 
 std::string handleKey(int rank) { return strFormat("tcpx/handle/%d", rank); }
 
-void freeAligned(char* p) { free(p); }
-using AlignedBuf = std::unique_ptr<char, void (*)(char*)>;
-AlignedBuf allocAligned(size_t bytes) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 4096, std::max<size_t>(bytes, 64)) != 0) p = nullptr;
-  return AlignedBuf(static_cast<char*>(p), freeAligned);
-}
-
 }  // namespace
 
 struct Communicator::Impl {
@@ -115,6 +107,7 @@ struct Communicator::Impl {
     uint64_t bytes = 0;
     std::vector<char> data;
     bool complete = false;
+    uint64_t arrival = 0;  // arrival order over all peers (any-source matching)
     std::shared_ptr<P2PTask> waiter;
     Clock::time_point waiterDeadline;
   };
@@ -144,9 +137,13 @@ struct Communicator::Impl {
     std::list<Unexpected> unexpected;
     std::list<Unexpected>::iterator p2pUx;    // unexpected entry being filled
     bool p2pIntoUx = false;
-    std::deque<PostedRecv> recvPosted;        // receives waiting for a message
   };
   std::vector<Peer> peers;
+  // Point-to-point receives waiting for a message, in posting order; a
+  // message matches the oldest one for its source (or any source) and tag,
+  // as MPI's ordering rule says.
+  std::deque<PostedRecv> recvPosted;
+  uint64_t arrivals = 0;
 
   // Collectives.
   struct PeerSteps {
@@ -201,6 +198,7 @@ struct Communicator::Impl {
     TaskResult r;
     r.code = code;
     r.message = msg;
+    if (t->type == Task::Type::kRecv) r.srcRank = static_cast<const P2PTask&>(*t).srcRank;
     if (t->onComplete) t->onComplete(r);
   }
 
@@ -333,9 +331,10 @@ struct Communicator::Impl {
 
   // Posts the next receive on p's collective connection. It lands straight
   // in the destination when the message it will match is known: the running
-  // collective has already taken a checked message from p (so everything
-  // behind it belongs to this operation, in schedule order), the step is a
-  // plain copy, and the step may write now. Otherwise: a bounce buffer.
+  // collective has already taken a checked message from p with the same
+  // header (so everything behind it belongs to this operation, in schedule
+  // order, and has its sizes), the step is a plain copy, and the step may
+  // write now. Otherwise: a bounce buffer.
   void postTail(int p) {
     Peer& peer = peers[p];
     Link& l = peer.links[kCollLink];
@@ -346,7 +345,9 @@ struct Communicator::Impl {
       if (ps && ps->recvNext > 0 && idx < ps->recvs.size()) {
         Schedule::StepId st = ps->recvs[idx];
         const Schedule::Step& step = active->sched.step(st);
-        if (step.type == Schedule::StepType::kRecvCopy && active->waiting[st] == 0) {
+        const Schedule::Step& checked = active->sched.step(ps->recvs[ps->recvNext - 1]);
+        if (step.type == Schedule::StepType::kRecvCopy && active->waiting[st] == 0 &&
+            step.op == checked.op) {
           h.step = st;
           h.buf = step.buf;
           h.capacity = step.bytes;
@@ -456,7 +457,7 @@ struct Communicator::Impl {
       complete(task, r, msg);
       return;
     }
-    a.sched.header.seq = a.seq;
+    a.sched.setSeq(a.seq);
     size_t n = a.sched.numSteps();
     a.remaining = n;
     a.waiting.assign(n, 0);
@@ -545,7 +546,7 @@ struct Communicator::Impl {
         const Schedule::Step& st = a.sched.step(s);
         void* req = nullptr;
         tcpxResult_t r = net->isend(peers[p].links[kCollLink].sendComm, st.buf, st.bytes,
-                                    a.sched.header.pack(), nullptr, &req);
+                                    a.sched.headerOf(s).pack(), nullptr, &req);
         if (r != tcpxSuccess) {
           hardFail(tcpxRemoteError, strFormat("%s: sending to rank %d failed: %s", collName().c_str(), p,
                              lastError().c_str()));
@@ -573,6 +574,7 @@ struct Communicator::Impl {
           break;
         }
         const Schedule::Step& st = a.sched.step(s);
+        const MsgHeader& want = a.sched.headerOf(s);
         MsgHeader h = MsgHeader::unpack(slot.tag);
         std::string err;
         tcpxResult_t code = tcpxInvalidUsage;
@@ -590,9 +592,9 @@ struct Communicator::Impl {
           std::string reason(slot.buf, std::min(slot.size, slot.capacity));
           err = strFormat("%s failed on a peer: %s", collName().c_str(), reason.c_str());
           code = tcpxRemoteError;
-        } else if (!h.sameOp(a.sched.header)) {
+        } else if (!h.sameOp(want)) {
           err = strFormat("collective mismatch with rank %d in %s: %s", p, collName().c_str(),
-                          describeMismatch(a.sched.header, h).c_str());
+                          describeMismatch(want, h).c_str());
         } else if (slot.size != st.bytes) {
           err = strFormat(
               "size mismatch with rank %d in %s: received %zu bytes where this rank expects %zu "
@@ -614,9 +616,9 @@ struct Communicator::Impl {
         } else if (st.type == Schedule::StepType::kRecvCopy) {
           if (st.bytes) memcpy(st.buf, slot.buf, st.bytes);
         } else {
-          size_t esz = dataTypeSize(a.sched.header.dtype);
-          a.sched.reduceFn(st.buf, slot.buf, st.bytes / esz, a.sched.header.dtype,
-                           a.sched.header.redop);
+          size_t esz = dataTypeSize(want.dtype);
+          if (st.own && st.bytes) memcpy(st.buf, st.own, st.bytes);
+          a.sched.reduceFn(st.buf, slot.buf, st.bytes / esz, want.dtype, want.redop);
         }
         ps.recvNext++;
         popHead(p);
@@ -741,26 +743,45 @@ struct Communicator::Impl {
   }
 
   void startRecv(const std::shared_ptr<P2PTask>& t) {
-    Peer& peer = peers[t->peer];
-    // A message that arrived before this receive?
-    for (auto it = peer.unexpected.begin(); it != peer.unexpected.end(); ++it) {
-      if (it->tag != t->tag || it->waiter) continue;
-      if (!it->complete) {
-        it->waiter = t;
-        it->waiterDeadline = Clock::now() + taskTimeout(*t);
+    // A message that arrived before this receive? From a given source the
+    // first with the tag; from any source the earliest arrival.
+    int from = -1;
+    std::list<Unexpected>::iterator found;
+    for (size_t p = 0; p < peers.size(); p++) {
+      if (t->peer >= 0 && static_cast<int>(p) != t->peer) continue;
+      for (auto it = peers[p].unexpected.begin(); it != peers[p].unexpected.end(); ++it) {
+        if (it->tag != t->tag || it->waiter) continue;
+        if (from < 0 || it->arrival < found->arrival) {
+          from = static_cast<int>(p);
+          found = it;
+        }
+        break;
+      }
+    }
+    if (from >= 0) {
+      t->srcRank = from;
+      if (!found->complete) {
+        found->waiter = t;
+        found->waiterDeadline = Clock::now() + taskTimeout(*t);
         return;
       }
-      finishFromUnexpected(t->peer, t, *it);
-      peer.unexpected.erase(it);
+      finishFromUnexpected(from, t, *found);
+      peers[from].unexpected.erase(found);
       return;
     }
-    const std::string& err = peer.links[kP2PLink].recvError;
-    if (!err.empty()) {
-      complete(t, tcpxRemoteError,
-               strFormat("recv from rank %d: connection lost: %s", t->peer, err.c_str()));
-      return;
+    if (t->peer >= 0) {
+      const std::string& err = peers[t->peer].links[kP2PLink].recvError;
+      if (!err.empty()) {
+        complete(t, tcpxRemoteError,
+                 strFormat("recv from rank %d: connection lost: %s", t->peer, err.c_str()));
+        return;
+      }
     }
-    peer.recvPosted.push_back({t, Clock::now() + taskTimeout(*t)});
+    recvPosted.push_back({t, Clock::now() + taskTimeout(*t)});
+  }
+
+  static std::string sourceName(int peer) {
+    return peer >= 0 ? strFormat("rank %d", peer) : std::string("any rank");
   }
 
   void finishFromUnexpected(int p, const std::shared_ptr<P2PTask>& t, Unexpected& u) {
@@ -822,11 +843,17 @@ struct Communicator::Impl {
   void p2pLinkFailed(int p, const std::string& err) {
     Peer& peer = peers[p];
     peer.links[kP2PLink].recvError = err;
-    std::deque<PostedRecv> posted;
-    posted.swap(peer.recvPosted);
-    for (auto& pr : posted)
-      complete(pr.task, tcpxRemoteError,
+    // Receives from p fail; any-source ones may still be served by others.
+    for (auto it = recvPosted.begin(); it != recvPosted.end();) {
+      if (it->task->peer != p) {
+        ++it;
+        continue;
+      }
+      auto t = it->task;
+      it = recvPosted.erase(it);
+      complete(t, tcpxRemoteError,
                strFormat("recv from rank %d: connection lost: %s", p, err.c_str()));
+    }
     if (peer.p2pTarget) {
       auto t = peer.p2pTarget;
       peer.p2pTarget.reset();
@@ -877,15 +904,16 @@ struct Communicator::Impl {
           return true;
         }
         DataType dtype = static_cast<DataType>(h.dtype);
-        // Match the oldest posted receive with this tag.
+        // Match the oldest posted receive for this source (or any) and tag.
         peer.p2pTarget.reset();
         peer.p2pTargetError.clear();
         peer.p2pIntoUx = false;
-        for (auto it = peer.recvPosted.begin(); it != peer.recvPosted.end(); ++it) {
-          if (it->task->tag != h.tag) continue;
+        for (auto it = recvPosted.begin(); it != recvPosted.end(); ++it) {
+          if (it->task->tag != h.tag || (it->task->peer >= 0 && it->task->peer != p)) continue;
           peer.p2pTarget = it->task;
+          peer.p2pTarget->srcRank = p;
           peer.p2pTargetDeadline = it->deadline;
-          peer.recvPosted.erase(it);
+          recvPosted.erase(it);
           break;
         }
         void* dst = nullptr;
@@ -902,6 +930,7 @@ struct Communicator::Impl {
           peer.p2pUx = std::prev(peer.unexpected.end());
           peer.p2pIntoUx = true;
           peer.p2pUx->tag = h.tag;
+          peer.p2pUx->arrival = arrivals++;
           peer.p2pUx->dtype = dtype;
           peer.p2pUx->bytes = h.bytes;
           peer.p2pUx->data.resize(h.bytes);
@@ -994,6 +1023,7 @@ struct Communicator::Impl {
                          waitingFor().c_str()));
       return;
     }
+    expireRecvs(now);
     for (size_t p = 0; p < peers.size() && !abortedLocal; p++) {
       Peer& peer = peers[p];
       for (auto& op : peer.p2pSends) {
@@ -1010,20 +1040,6 @@ struct Communicator::Impl {
                            p, static_cast<long long>(peer.p2pTarget->tag)));
         return;
       }
-      // A receive that no message has matched yet can simply fail.
-      for (auto it = peer.recvPosted.begin(); it != peer.recvPosted.end();) {
-        if (now > it->deadline) {
-          auto t = it->task;
-          it = peer.recvPosted.erase(it);
-          complete(t, tcpxTimeout,
-                   strFormat("recv from rank %zu (tag %lld, %zu bytes) timed out after %lld ms: "
-                             "no matching send arrived",
-                             p, static_cast<long long>(t->tag), t->bytes,
-                             static_cast<long long>(taskTimeout(*t).count())));
-        } else {
-          ++it;
-        }
-      }
       for (auto& u : peer.unexpected) {
         if (u.waiter && now > u.waiterDeadline) {
           hardFail(tcpxTimeout, strFormat("recv from rank %zu (tag %lld) timed out while its data was "
@@ -1035,15 +1051,32 @@ struct Communicator::Impl {
     }
   }
 
+  // A receive that no message has matched yet can simply fail.
+  void expireRecvs(Clock::time_point now) {
+    for (auto it = recvPosted.begin(); it != recvPosted.end();) {
+      if (now > it->deadline) {
+        auto t = it->task;
+        it = recvPosted.erase(it);
+        complete(t, tcpxTimeout,
+                 strFormat("recv from %s (tag %lld, %zu bytes) timed out after %lld ms: "
+                           "no matching send arrived",
+                           sourceName(t->peer).c_str(), static_cast<long long>(t->tag), t->bytes,
+                           static_cast<long long>(taskTimeout(*t).count())));
+      } else {
+        ++it;
+      }
+    }
+  }
+
   Clock::time_point nextWake() const {
     auto now = Clock::now();
     auto t = now + kMaxSleep;
     if (active) t = std::min(t, active->deadline);
     for (const Peer& peer : peers) {
       for (auto& op : peer.p2pSends) t = std::min(t, op->deadline);
-      for (auto& pr : peer.recvPosted) t = std::min(t, pr.deadline);
       if (peer.p2pTarget) t = std::min(t, peer.p2pTargetDeadline);
     }
+    for (auto& pr : recvPosted) t = std::min(t, pr.deadline);
     if (anyConnecting() || !pendingAborts.empty())
       t = std::min(t, now + std::chrono::duration_cast<Clock::duration>(kConnectPoll));
     return t;
@@ -1120,11 +1153,11 @@ struct Communicator::Impl {
     }
     for (auto& t : collQueue) tasks.push_back(t);
     collQueue.clear();
+    for (auto& pr : recvPosted) tasks.push_back(pr.task);
+    recvPosted.clear();
     for (Peer& peer : peers) {
       for (auto& op : peer.p2pSends) tasks.push_back(op->task);
       peer.p2pSends.clear();
-      for (auto& pr : peer.recvPosted) tasks.push_back(pr.task);
-      peer.recvPosted.clear();
       if (peer.p2pTarget) tasks.push_back(peer.p2pTarget);
       peer.p2pTarget.reset();
       for (auto& u : peer.unexpected)
@@ -1176,15 +1209,13 @@ struct Communicator::Impl {
       events.waitUntil(seen, nextWake());
     }
     // Shutting down: receives nothing can satisfy any more fail; then close.
-    for (size_t p = 0; p < peers.size(); p++) {
-      std::deque<PostedRecv> posted;
-      posted.swap(peers[p].recvPosted);
-      for (auto& pr : posted)
-        complete(pr.task, tcpxInvalidUsage,
-                 strFormat("recv from rank %zu (tag %lld) cancelled: the process group was shut "
-                           "down before a matching send arrived",
-                           p, static_cast<long long>(pr.task->tag)));
-    }
+    std::deque<PostedRecv> posted;
+    posted.swap(recvPosted);
+    for (auto& pr : posted)
+      complete(pr.task, tcpxInvalidUsage,
+               strFormat("recv from %s (tag %lld) cancelled: the process group was shut "
+                         "down before a matching send arrived",
+                         sourceName(pr.task->peer).c_str(), static_cast<long long>(pr.task->tag)));
     closeConnections();
     std::lock_guard<std::mutex> lk(mu);
     workerDone = true;

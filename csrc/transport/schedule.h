@@ -34,9 +34,11 @@ class Schedule {
 
   struct Step {
     StepType type;
+    uint32_t op;      // index of the header it carries (headerOf)
     int peer;
-    char* buf;     // send: source; receive: destination
-    size_t bytes;  // message size; a receive requires exactly this many
+    char* buf;        // send: source; receive: destination
+    size_t bytes;     // message size; a receive requires exactly this many
+    const char* own;  // recvReduce: the left operand when it is not buf itself
   };
 
   Schedule(int rank, int nranks, size_t chunkBytes)
@@ -47,8 +49,11 @@ class Schedule {
   // The largest message a step may carry.
   size_t chunkBytes() const { return chunkBytes_; }
 
-  // The header that identifies this operation to peers (seq is set by the
-  // communicator when the schedule runs).
+  // The header that identifies this operation to peers. A step carries the
+  // value `header` had when the step was added, so one schedule can hold
+  // several operations (a coalesced batch) or give the messages of each
+  // peer pair their own parameter hash (all-to-all's split sizes); the
+  // receiving step checks the same header. seq is set by the communicator.
   MsgHeader header;
   // Reduction used by recvReduce steps.
   ReduceFn reduceFn = nullptr;
@@ -59,19 +64,32 @@ class Schedule {
   StepId recv(int peer, void* dst, size_t bytes) {
     return add(StepType::kRecvCopy, peer, dst, bytes);
   }
-  StepId recvReduce(int peer, void* dst, size_t bytes) {
-    return add(StepType::kRecvReduce, peer, dst, bytes);
+  // dst = own op message; without `own` (or own == dst), dst = dst op message.
+  // Reading `own` lets an algorithm keep the caller's input unchanged without
+  // copying it into the accumulation buffer first.
+  StepId recvReduce(int peer, void* dst, size_t bytes, const void* own = nullptr) {
+    StepId id = add(StepType::kRecvReduce, peer, dst, bytes);
+    if (own != dst) steps_[id].own = static_cast<const char*>(own);
+    return id;
   }
   // `step` may start only once `dependsOn` is done.
   void after(StepId step, StepId dependsOn) { edges_.push_back({dependsOn, step}); }
 
   size_t numSteps() const { return steps_.size(); }
   const Step& step(StepId id) const { return steps_[id]; }
+  const MsgHeader& headerOf(StepId id) const { return headers_[steps_[id].op]; }
+  // Sets the sequence number of every operation in the schedule.
+  void setSeq(uint32_t seq) {
+    header.seq = seq;
+    for (MsgHeader& h : headers_) h.seq = seq;
+  }
   const std::vector<std::pair<StepId, StepId>>& edges() const { return edges_; }
 
  private:
   StepId add(StepType t, int peer, void* buf, size_t bytes) {
-    steps_.push_back({t, peer, static_cast<char*>(buf), bytes});
+    if (headers_.empty() || !headers_.back().sameOp(header)) headers_.push_back(header);
+    steps_.push_back({t, static_cast<uint32_t>(headers_.size() - 1), peer,
+                      static_cast<char*>(buf), bytes, nullptr});
     return static_cast<StepId>(steps_.size() - 1);
   }
 
@@ -79,6 +97,7 @@ class Schedule {
   int nranks_;
   size_t chunkBytes_;
   std::vector<Step> steps_;
+  std::vector<MsgHeader> headers_;
   std::vector<std::pair<StepId, StepId>> edges_;  // (before, after)
 };
 

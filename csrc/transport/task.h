@@ -19,6 +19,7 @@ namespace tcpx {
 struct TaskResult {
   tcpxResult_t code = tcpxSuccess;
   std::string message;
+  int srcRank = -1;  // receives: the rank the message came from (-1: none matched)
   bool ok() const { return code == tcpxSuccess; }
 };
 
@@ -48,11 +49,14 @@ class CollectiveTask : public Task {
 };
 
 // Point-to-point: `bytes` of `data` to/from `peer`, matched by (peer, tag)
-// in issue order; the receiver also checks size and data type.
+// in issue order; the receiver also checks size and data type. A receive
+// with peer kAnySource takes the first matching message from any rank.
 class P2PTask : public Task {
  public:
+  static constexpr int kAnySource = -1;
   explicit P2PTask(Type t) : Task(t) {}
-  int peer = -1;
+  int peer = kAnySource;
+  int srcRank = -1;  // receive: the rank the message came from, once matched
   int64_t tag = 0;
   void* data = nullptr;
   size_t bytes = 0;
