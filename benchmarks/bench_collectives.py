@@ -23,10 +23,14 @@ backend, the script
      n is chosen so that each size takes about --target-time seconds per backend (at least 3);
   3. takes the MAX of that time over ranks.
 algbw = S / time (GB = 1e9 B); busbw = algbw * factor, factor = 2(n-1)/n for all_reduce, (n-1)/n for
-all_gather, reduce_scatter and all_to_all, 1 for broadcast.
+all_gather, reduce_scatter, all_to_all, gather and scatter, 1 for broadcast, reduce and sendrecv
+(nccl-tests' factors; PERFORMANCE.md of nccl-tests explains them).
 
-Ops: all_reduce, broadcast (root 0), all_gather (all_gather_into_tensor), reduce_scatter
-(reduce_scatter_tensor), all_to_all (all_to_all_single); --ops all selects all of them. An op that a
+Ops: all_reduce, broadcast (root 0), reduce (root 0), all_gather (all_gather_into_tensor),
+reduce_scatter (reduce_scatter_tensor), all_to_all (all_to_all_single), gather and scatter (root 0; S is
+the whole array on the root), sendrecv (each rank sends S to rank+1 and receives S from rank-1, isend +
+irecv), and all_reduce_x16 / all_reduce_x16_coalesced (16 tensors of S/16 reduced one by one, or in one
+_coalescing_manager block); --ops all selects all of them. An op that a
 backend does not support is skipped for that backend with a note. A wrong result or another error marks
 the row and makes every rank exit with status 1 at the end.
 
@@ -51,8 +55,13 @@ import time
 import torch
 import torch.distributed as dist
 
-OPS = ["all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"]
-REDUCING = {"all_reduce", "reduce_scatter"}
+OPS = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all", "gather",
+       "scatter", "sendrecv", "all_reduce_x16", "all_reduce_x16_coalesced"]
+REDUCING = {"all_reduce", "reduce", "reduce_scatter", "all_reduce_x16", "all_reduce_x16_coalesced"}
+# Tensors per call of the all_reduce_x16 pair: the same bytes as one all_reduce of size S, issued as
+# 16 separate all_reduces of S/16, or as one coalesced batch (_coalescing_manager, which calls the
+# backend's allreduce_coalesced): the difference is the round trips coalescing saves.
+NUM_COALESCED = 16
 DTYPES = {
     "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
     "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -135,11 +144,11 @@ def parse_args():
 # helpers
 
 def bus_factor(op, n):
-    if op == "all_reduce":
+    if op.startswith("all_reduce"):
         return 2.0 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+    if op in ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"):
         return (n - 1) / n
-    return 1.0  # broadcast
+    return 1.0  # broadcast, reduce, sendrecv
 
 
 def sizes(lo, hi):
@@ -232,8 +241,10 @@ class Bench:
     def setup(self, op, size, pg):
         n, r, dt, dev = self.world, self.rank, self.dtype, self.device
         count = size // self.esize
-        if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        if op in ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"):
             count -= count % n  # whole chunks per rank (nccl-tests rounds the same way)
+        if op.startswith("all_reduce_x"):
+            count -= count % NUM_COALESCED
         if count == 0:
             return None
         nbytes = count * self.esize
@@ -254,6 +265,69 @@ class Bench:
                 dist.broadcast(buf, src=0, group=pg)
             def check():
                 return torch.equal(buf, expect)
+            def reset():
+                pass
+        elif op == "reduce":
+            buf = self.pattern(count, r)
+            expect = self.reduce_expect(count)
+            def fn():
+                dist.reduce(buf, dst=0, op=self.redop, group=pg)
+            def check():  # only the root's buffer is defined afterwards (gloo writes the others)
+                return r != 0 or expect is None or self.same(buf, expect)
+            def reset():
+                buf.fill_(1 if self.args.redop == "prod" else 0)
+        elif op in ("all_reduce_x16", "all_reduce_x16_coalesced"):
+            part = count // NUM_COALESCED
+            bufs = [self.pattern(part, r) for _ in range(NUM_COALESCED)]
+            expect = self.reduce_expect(part)
+            coalesced = op.endswith("_coalesced")
+            def fn():
+                if coalesced:
+                    with dist._coalescing_manager(group=pg):
+                        for b in bufs:
+                            dist.all_reduce(b, op=self.redop, group=pg)
+                else:
+                    for b in bufs:
+                        dist.all_reduce(b, op=self.redop, group=pg)
+            def check():
+                return expect is None or all(self.same(b, expect) for b in bufs)
+            def reset():
+                for b in bufs:
+                    b.fill_(1 if self.args.redop == "prod" else 0)
+        elif op == "gather":
+            idx = torch.arange(count, device=dev, dtype=torch.int64)
+            expect = ((idx % 7) + idx // chunk).to(dt)  # rank q's block: (i % 7) + q
+            inp = expect[r * chunk:(r + 1) * chunk].clone()
+            outs = [torch.full((chunk,), -1, dtype=dt, device=dev) for _ in range(n)] if r == 0 else None
+            def fn():
+                dist.gather(inp, outs, dst=0, group=pg)
+            def check():
+                return r != 0 or torch.equal(torch.cat(outs), expect)
+            def reset():
+                pass
+        elif op == "scatter":
+            idx = torch.arange(count, device=dev, dtype=torch.int64)
+            whole = ((idx % 7) + idx // chunk).to(dt)
+            ins = list(whole.chunk(n)) if r == 0 else None
+            expect = whole[r * chunk:(r + 1) * chunk].clone()
+            out = torch.full((chunk,), -1, dtype=dt, device=dev)
+            def fn():
+                dist.scatter(out, ins, src=0, group=pg)
+            def check():
+                return torch.equal(out, expect)
+            def reset():
+                pass
+        elif op == "sendrecv":
+            send = self.pattern(count, r)
+            recv = torch.full((count,), -1, dtype=dt, device=dev)
+            expect = self.pattern(count, (r - 1) % n)
+            nxt, prv = dist.get_global_rank(pg, (r + 1) % n), dist.get_global_rank(pg, (r - 1) % n)
+            def fn():
+                works = [dist.isend(send, nxt, group=pg), dist.irecv(recv, prv, group=pg)]
+                for w in works:
+                    w.wait()
+            def check():
+                return torch.equal(recv, expect)
             def reset():
                 pass
         elif op == "all_gather":
@@ -529,6 +603,24 @@ def check_bar(rows, labels):
     return lines
 
 
+def coalescing_summary(rows, labels):
+    """Per backend and size: time of the coalesced 16-tensor batch / time of the 16 ops one by one."""
+    by = {(r["op"], r["backend"], r["bytes"]): r for r in rows if r["status"] == "ok"}
+    lines = []
+    for l in labels:
+        pairs = [(b, by[("all_reduce_x16", l, b)], by[("all_reduce_x16_coalesced", l, b)])
+                 for (op, lb, b) in sorted(by, key=lambda k: k[2])
+                 if op == "all_reduce_x16" and lb == l and ("all_reduce_x16_coalesced", l, b) in by]
+        if not pairs:
+            continue
+        lines.append(f"#\n# coalescing, {l}: {NUM_COALESCED} all_reduces in one batch vs one by one "
+                     f"(time ratio < 1: the batch saves round trips)")
+        for b, one, co in pairs:
+            lines.append(f"#   {b:>12} B: one by one {one['time_us']:10.1f} us, coalesced "
+                         f"{co['time_us']:10.1f} us, ratio {co['time_us'] / one['time_us']:.2f}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------
 
 def main():
@@ -560,7 +652,9 @@ def main():
     table = Table(bench.labels)
     for op in args.ops:
         redop = args.redop if op in REDUCING else "none"
-        out(table.header(op, world, ", root 0" if op == "broadcast" else ""))
+        out(table.header(op, world, ", root 0" if op in ("broadcast", "reduce", "gather", "scatter")
+                         else f", {NUM_COALESCED} tensors of S/{NUM_COALESCED}" if op.startswith("all_reduce_x")
+                         else ""))
         noted = set()
         for size in sizes(args.min_bytes, args.max_bytes):
             results, timers, times = {}, {}, {}
@@ -594,6 +688,9 @@ def main():
             if ok:
                 out(f"# {op} {l}: avg busbw {sum(ok) / len(ok):.3f} GB/s, peak {max(ok):.3f} GB/s "
                     f"over {len(ok)} sizes")
+
+    for line in coalescing_summary(rows, bench.labels):
+        out(line)
 
     if rank == 0:
         meta = dict(world=world, dtype=args.dtype, device=args.device)
