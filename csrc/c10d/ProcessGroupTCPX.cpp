@@ -647,7 +647,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter_tensor_coalesced
     const c10d::ReduceScatterOptions& opts) {
   TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx reduce_scatter_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
-  return coalesce(c10d::OpType::REDUCE_SCATTER_TENSOR_COALESCED,
+  // (OpType::REDUCE_SCATTER_TENSOR_COALESCED does not exist in torch 2.11.)
+  return coalesce(c10d::OpType::COALESCED,
                   "tcpx:reduce_scatter_tensor_coalesced", [&] {
                     for (size_t i = 0; i < inputs.size(); i++)
                       _reduce_scatter_base(outputs[i], inputs[i], opts);
