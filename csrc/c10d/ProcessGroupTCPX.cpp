@@ -1,5 +1,8 @@
 #include "c10d/ProcessGroupTCPX.hpp"
 
+#include <map>
+#include <mutex>
+
 #include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
 
@@ -274,6 +277,23 @@ struct ProcessGroupTCPX::Batch {
   }
 };
 
+// Ends an open coalescing block when the op it guards raises.
+class ProcessGroupTCPX::OpGuard {
+ public:
+  explicit OpGuard(ProcessGroupTCPX* pg) : pg_(pg), unwinding_(std::uncaught_exceptions()) {}
+  ~OpGuard() {
+    if (std::uncaught_exceptions() <= unwinding_) return;
+    try {
+      pg_->abandonCoalescing();
+    } catch (...) {  // never throw while unwinding
+    }
+  }
+
+ private:
+  ProcessGroupTCPX* pg_;
+  int unwinding_;
+};
+
 // ---------------------------------------------------------------- WorkTCPX
 
 WorkTCPX::WorkTCPX(int rank, c10d::OpType opType, const char* profilingTitle,
@@ -432,11 +452,38 @@ void ProcessGroupTCPX::flushCoalesced() {
 
 void ProcessGroupTCPX::startCoalescing() {
   TORCH_CHECK(!coalescing_, "tcpx: startCoalescing() called inside an open coalescing block");
+  abandoned_.reset();
   coalescing_ = true;
   batches_.push_back(std::make_shared<Batch>());
 }
 
+void ProcessGroupTCPX::abandonCoalescing() {
+  if (!coalescing_) return;
+  coalescing_ = false;
+  std::vector<std::shared_ptr<CollectiveTask>> parts;
+  parts.swap(pending_);
+  pendingRanges_.clear();
+  std::vector<std::shared_ptr<Batch>> batches;
+  batches.swap(batches_);
+  TaskResult cancelled{tcpxInvalidArgument,
+                       "cancelled: an op of the same coalescing block raised an error before "
+                       "anything was sent"};
+  for (auto& p : parts) p->onComplete(cancelled);
+  for (auto& b : batches) {
+    auto w = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::COALESCED, "tcpx:coalesced",
+                                           b->outputs, "abandoned coalescing block",
+                                           std::nullopt);
+    b->seal(w);
+    if (!abandoned_) abandoned_ = w;
+  }
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::endCoalescing() {
+  if (!coalescing_ && abandoned_) {  // the block ended early (an op raised)
+    auto w = abandoned_;
+    abandoned_.reset();
+    return w;
+  }
   TORCH_CHECK(coalescing_ && !batches_.empty(),
               "tcpx: endCoalescing() called without startCoalescing()");
   flushCoalesced();
@@ -455,25 +502,9 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::coalesce(c10d::OpType opType, c
   coalescing_ = true;
   auto batch = std::make_shared<Batch>();
   batches_.push_back(batch);
-  try {
-    issue();
-  } catch (...) {
-    // Bad input to one op: none of this call's ops runs (every rank fails
-    // the same way, so all stay in step), the error goes to the caller.
-    batches_.pop_back();
-    if (outer) {
-      coalescing_ = false;
-      std::vector<std::shared_ptr<CollectiveTask>> parts;
-      parts.swap(pending_);
-      pendingRanges_.clear();
-      TaskResult cancelled{tcpxInvalidArgument,
-                           "cancelled: another op of the same coalesced call was invalid"};
-      for (auto& p : parts) p->onComplete(cancelled);
-    }
-    batch->seal(c10::make_intrusive<WorkTCPX>(rank_, opType, title, std::vector<at::Tensor>{},
-                                              "cancelled batch", std::nullopt));
-    throw;
-  }
+  // If an op raises, its OpGuard ends the whole block (abandonCoalescing):
+  // none of the collected ops runs, on any rank that fails the same way.
+  issue();
   batches_.pop_back();
   if (outer) {
     flushCoalesced();
@@ -487,6 +518,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::coalesce(c10d::OpType opType, c
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce(std::vector<at::Tensor>& tensors,
                                                            const c10d::AllreduceOptions& opts) {
+  OpGuard guard(this);
   checkSingle(tensors, "all_reduce");
   at::Tensor& t = tensors[0];
   DataType dtype;
@@ -509,6 +541,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce(std::vector<at::Tenso
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tensor>& tensors,
                                                            const c10d::BroadcastOptions& opts) {
+  OpGuard guard(this);
   checkSingle(tensors, "broadcast");
   TORCH_CHECK_VALUE(opts.rootTensor == 0, "tcpx broadcast: rootTensor must be 0, got ",
                     opts.rootTensor);
@@ -532,6 +565,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tenso
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
     std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
+  OpGuard guard(this);
   checkSingle(inputs, "all_gather");
   TORCH_CHECK_VALUE(outputs.size() == 1, "tcpx all_gather: expected one output list, got ",
                     outputs.size());
@@ -577,6 +611,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
     at::Tensor& output, at::Tensor& input, const c10d::AllgatherOptions& opts) {
+  OpGuard guard(this);
   checkTensor(input, "all_gather_into_tensor", "input");
   checkTensor(output, "all_gather_into_tensor", "output");
   TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(),
@@ -610,6 +645,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_coalesced(
     std::vector<std::vector<at::Tensor>>& outputLists, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
+  OpGuard guard(this);
   TORCH_CHECK_VALUE(outputLists.size() == inputs.size(), "tcpx all_gather_coalesced: ",
                     outputLists.size(), " output lists for ", inputs.size(),
                     " input tensors (expected one list per input)");
@@ -625,6 +661,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_coalesced(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_into_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
+  OpGuard guard(this);
   TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx all_gather_into_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
   return coalesce(c10d::OpType::COALESCED, "tcpx:all_gather_into_tensor_coalesced", [&] {
@@ -634,6 +671,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_into_tensor_coalesced
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce_coalesced(
     std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) {
+  OpGuard guard(this);
   return coalesce(c10d::OpType::ALLREDUCE_COALESCED, "tcpx:all_reduce_coalesced", [&] {
     for (at::Tensor& t : tensors) {
       std::vector<at::Tensor> one{t};
@@ -645,6 +683,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce_coalesced(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::ReduceScatterOptions& opts) {
+  OpGuard guard(this);
   TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx reduce_scatter_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
   // (OpType::REDUCE_SCATTER_TENSOR_COALESCED does not exist in torch 2.11.)
@@ -657,6 +696,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter_tensor_coalesced
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce(std::vector<at::Tensor>& tensors,
                                                         const c10d::ReduceOptions& opts) {
+  OpGuard guard(this);
   checkSingle(tensors, "reduce");
   TORCH_CHECK_VALUE(opts.rootTensor == 0, "tcpx reduce: rootTensor must be 0, got ",
                     opts.rootTensor);
@@ -681,6 +721,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce(std::vector<at::Tensor>&
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter(
     std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
     const c10d::ReduceScatterOptions& opts) {
+  OpGuard guard(this);
   checkSingle(outputs, "reduce_scatter");
   TORCH_CHECK_VALUE(inputs.size() == 1, "tcpx reduce_scatter: expected one input list, got ",
                     inputs.size());
@@ -711,6 +752,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter(
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_reduce_scatter_base(
     at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) {
+  OpGuard guard(this);
   checkTensor(input, "reduce_scatter_tensor", "input");
   checkTensor(output, "reduce_scatter_tensor", "output");
   TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(),
@@ -778,6 +820,7 @@ std::vector<size_t> splitCounts(const at::Tensor& t, const std::vector<int64_t>&
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall_base(
     at::Tensor& output, at::Tensor& input, std::vector<int64_t>& outputSplitSizes,
     std::vector<int64_t>& inputSplitSizes, const c10d::AllToAllOptions& opts) {
+  OpGuard guard(this);
   checkTensor(input, "all_to_all_single", "input");
   checkTensor(output, "all_to_all_single", "output");
   TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(),
@@ -823,6 +866,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall_base(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall(std::vector<at::Tensor>& outputs,
                                                           std::vector<at::Tensor>& inputs,
                                                           const c10d::AllToAllOptions& opts) {
+  OpGuard guard(this);
   TORCH_CHECK_VALUE(inputs.size() == static_cast<size_t>(size_) &&
                         outputs.size() == static_cast<size_t>(size_),
                     "tcpx all_to_all: ", inputs.size(), " input and ", outputs.size(),
@@ -864,6 +908,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall(std::vector<at::Tensor
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::gather(
     std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::GatherOptions& opts) {
+  OpGuard guard(this);
   checkSingle(inputs, "gather");
   TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, "tcpx gather: root rank ",
                     opts.rootRank, " is invalid: expected 0 <= root < ", size_);
@@ -900,6 +945,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::gather(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::scatter(
     std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
     const c10d::ScatterOptions& opts) {
+  OpGuard guard(this);
   checkSingle(outputs, "scatter");
   TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, "tcpx scatter: root rank ",
                     opts.rootRank, " is invalid: expected 0 <= root < ", size_);
@@ -932,6 +978,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::scatter(
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::barrier(const c10d::BarrierOptions& opts) {
+  OpGuard guard(this);
   std::shared_ptr<CollectiveTask> task;
   check(makeBarrier(*comm_, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::BARRIER, "tcpx:barrier",
@@ -942,6 +989,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::barrier(const c10d::BarrierOpti
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& tensors,
                                                       int dstRank, int tag) {
+  OpGuard guard(this);
   checkSingle(tensors, "send");
   checkPeer(dstRank, "send", "destination");
   at::Tensor buf = contiguousView(tensors[0]);
@@ -958,6 +1006,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& t
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& tensors,
                                                       int srcRank, int tag) {
+  OpGuard guard(this);
   checkSingle(tensors, "recv");
   checkPeer(srcRank, "recv", "source");
   at::Tensor& t = tensors[0];
@@ -976,6 +1025,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& t
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recvAnysource(std::vector<at::Tensor>& tensors,
                                                                int tag) {
+  OpGuard guard(this);
   checkSingle(tensors, "recv");
   at::Tensor& t = tensors[0];
   Staging st;
@@ -1005,9 +1055,22 @@ c10::intrusive_ptr<c10d::Backend> ProcessGroupTCPX::split(
   }
   auto timeout = opts && opts->timeout.count() > 0 ? opts->timeout : timeout_;
   std::string name = opts && !opts->group_name.empty() ? opts->group_name : groupName_ + ":split";
-  return c10::make_intrusive<ProcessGroupTCPX>(store, static_cast<int>(it - ranks.begin()),
-                                               static_cast<int>(ranks.size()), timeout, name,
-                                               global);
+  // c10d splits once per device type the parent serves (cpu and cuda), each
+  // time on the same store prefix: a second bootstrap there would collide
+  // with the first, so the child made for the first is handed out again.
+  static std::mutex mu;
+  static std::map<std::string, c10::weak_intrusive_ptr<ProcessGroupTCPX>> children;
+  std::lock_guard<std::mutex> lk(mu);
+  auto found = children.find(name);
+  if (found != children.end()) {
+    if (auto child = found->second.lock()) return child;
+  }
+  auto child = c10::make_intrusive<ProcessGroupTCPX>(store, static_cast<int>(it - ranks.begin()),
+                                                     static_cast<int>(ranks.size()), timeout,
+                                                     name, global);
+  children.erase(name);
+  children.emplace(name, c10::weak_intrusive_ptr<ProcessGroupTCPX>(child));
+  return child;
 }
 
 void ProcessGroupTCPX::checkPeer(int peer, const char* op, const char* role) const {

@@ -141,6 +141,11 @@ class ProcessGroupTCPX : public c10d::Backend {
 
  private:
   struct Batch;
+  class OpGuard;
+  // An op raised while coalescing: torch will not call endCoalescing, so
+  // the block ends here; collected collectives are cancelled (never sent)
+  // and the batch Works fail. Point-to-point ops already issued go on.
+  void abandonCoalescing();
   // Runs `issue` (which issues several ops) as one coalesced batch and
   // returns the batch's Work; inside an open coalescing block the ops join it.
   c10::intrusive_ptr<c10d::Work> coalesce(c10d::OpType opType, const char* title,
@@ -169,6 +174,7 @@ class ProcessGroupTCPX : public c10d::Backend {
   std::vector<std::shared_ptr<Batch>> batches_;           // open batches, outermost first
   std::vector<std::shared_ptr<CollectiveTask>> pending_;  // collectives not started yet
   std::vector<std::pair<uintptr_t, uintptr_t>> pendingRanges_;  // memory they touch
+  c10::intrusive_ptr<WorkTCPX> abandoned_;  // the Work of a block that abandonCoalescing ended
 };
 
 }  // namespace tcpx

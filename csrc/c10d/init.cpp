@@ -28,7 +28,17 @@ bootstrap through the store fails.)")
            }),
            py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("timeout"),
            py::arg("group_name") = "", py::arg("global_ranks") = std::vector<int64_t>{},
-           py::call_guard<py::gil_scoped_release>());
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly(
+          "options",
+          [](tcpx::ProcessGroupTCPX& pg) { return pg.getBackendOptions(); },
+          "A fresh copy of the backend's options (name, timeout, group name, global ranks); "
+          "dist.split_group starts from it.")
+      .def(
+          "perform_nocolor_split", [](tcpx::ProcessGroupTCPX&, py::object) {},
+          "Called by new_group on ranks outside the new group when the default group has a "
+          "bound device (NCCL needs them to join ncclCommSplit); tcpx needs nothing from them.",
+          py::arg("device"));
   m.def(
       "config",
       []() {
