@@ -860,11 +860,19 @@ struct Communicator::Impl {
       complete(t, tcpxRemoteError,
                strFormat("recv from rank %d: connection lost: %s", p, err.c_str()));
     }
-    for (auto& u : peer.unexpected)
-      if (u.waiter)
-        complete(u.waiter, tcpxRemoteError,
+    // Messages that arrived whole stay receivable (the peer may have sent
+    // them and closed in order); partly arrived ones are lost.
+    for (auto it = peer.unexpected.begin(); it != peer.unexpected.end();) {
+      if (it->complete) {
+        ++it;
+        continue;
+      }
+      if (it->waiter)
+        complete(it->waiter, tcpxRemoteError,
                  strFormat("recv from rank %d: connection lost: %s", p, err.c_str()));
-    peer.unexpected.clear();
+      it = peer.unexpected.erase(it);
+    }
+    peer.p2pIntoUx = false;
     peer.p2pState = kP2PIdle;
   }
 
