@@ -1,7 +1,12 @@
 #include "c10d/ProcessGroupTCPX.hpp"
 
+#include <pthread.h>
+
+#include <condition_variable>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <thread>
 
 #include <ATen/core/ivalue.h>
 #include <c10/util/Exception.h>
@@ -305,23 +310,89 @@ WorkTCPX::WorkTCPX(int rank, c10d::OpType opType, const char* profilingTitle,
       future_(c10::make_intrusive<c10::ivalue::Future>(
           c10::ListType::create(c10::TensorType::get()))) {}
 
+namespace {
+
+// Threads that complete Works whose Future may have callbacks. One thread
+// serves completions in order; when every thread is busy (a callback
+// blocks, e.g. waiting for another collective) a new one starts, so a
+// blocked callback never holds up later completions. Idle threads beyond
+// the first exit after a while. Process-wide and never destroyed: detached
+// threads may still be finishing callbacks at exit.
+class CompletionThreads {
+ public:
+  static CompletionThreads& get() {
+    static auto* instance = new CompletionThreads();
+    return *instance;
+  }
+
+  void post(std::function<void()> fn) {
+    std::lock_guard<std::mutex> lk(mu_);
+    queue_.push_back(std::move(fn));
+    if (idle_ == 0) {
+      threads_++;
+      std::thread([this] { run(); }).detach();
+    } else {
+      cv_.notify_one();
+    }
+  }
+
+ private:
+  void run() {
+    pthread_setname_np(pthread_self(), "tcpx-complete");
+    std::unique_lock<std::mutex> lk(mu_);
+    while (true) {
+      idle_++;
+      bool got = cv_.wait_for(lk, std::chrono::seconds(30), [&] { return !queue_.empty(); });
+      idle_--;
+      if (!got && threads_ > 1) {
+        threads_--;
+        return;
+      }
+      if (queue_.empty()) continue;
+      auto fn = std::move(queue_.front());
+      queue_.pop_front();
+      lk.unlock();
+      fn();
+      lk.lock();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  int idle_ = 0;
+  int threads_ = 0;
+};
+
+}  // namespace
+
 void WorkTCPX::complete(const TaskResult& result) {
   if (result.srcRank >= 0) srcRank = result.srcRank;
+  std::exception_ptr error;
   if (result.ok()) {
     try {
       if (postprocess) postprocess();
     } catch (...) {
-      auto e = std::current_exception();
-      future_->setError(e);
-      finish(e);
-      return;
+      error = std::current_exception();
     }
+  } else {
+    error = toException(result);
+  }
+  if (!futureRequested_) {
+    completeNow(error);
+    return;
+  }
+  auto self = c10::intrusive_ptr<WorkTCPX>::unsafe_reclaim_from_nonowning(this);
+  CompletionThreads::get().post([self, error] { self->completeNow(error); });
+}
+
+void WorkTCPX::completeNow(std::exception_ptr error) {
+  if (error) {
+    future_->setError(error);
+    finish(error);
+  } else {
     future_->markCompleted(c10::IValue(outputs_));
     finish();
-  } else {
-    auto e = toException(result);
-    future_->setError(e);
-    finish(e);
   }
 }
 
@@ -646,12 +717,18 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_coalesced(
     std::vector<std::vector<at::Tensor>>& outputLists, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
   OpGuard guard(this);
-  TORCH_CHECK_VALUE(outputLists.size() == inputs.size(), "tcpx all_gather_coalesced: ",
-                    outputLists.size(), " output lists for ", inputs.size(),
-                    " input tensors (expected one list per input)");
+  // outputLists[r][i] receives rank r's inputs[i] (one list per rank).
+  TORCH_CHECK_VALUE(outputLists.size() == static_cast<size_t>(size_),
+                    "tcpx all_gather_coalesced: ", outputLists.size(),
+                    " output lists given, expected one per rank (", size_, ")");
+  for (size_t r = 0; r < outputLists.size(); r++)
+    TORCH_CHECK_VALUE(outputLists[r].size() == inputs.size(), "tcpx all_gather_coalesced: output list ",
+                      r, " has ", outputLists[r].size(), " tensors, expected one per input (",
+                      inputs.size(), ")");
   return coalesce(c10d::OpType::ALLGATHER_COALESCED, "tcpx:all_gather_coalesced", [&] {
     for (size_t i = 0; i < inputs.size(); i++) {
-      std::vector<std::vector<at::Tensor>> outs{outputLists[i]};
+      std::vector<std::vector<at::Tensor>> outs(1);
+      for (auto& list : outputLists) outs[0].push_back(list[i]);
       std::vector<at::Tensor> in{inputs[i]};
       allgather(outs, in, opts);
     }

@@ -12,6 +12,7 @@
 // ProcessGroupGloo for CPU tensors.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -40,15 +41,26 @@ class WorkTCPX : public c10d::Work {
   // For recv: the rank the message came from.
   int srcRank = -1;
 
-  // Called by the worker with the task's outcome.
+  // Called by the worker with the task's outcome. Copies results back at
+  // once; completing the Work and its Future (which runs the Future's
+  // callbacks) happens there too, unless someone has asked for the Future:
+  // then on a completion thread, because a callback may issue another op on
+  // this group and wait for it (PowerSGD's hook does), which would deadlock
+  // the worker that has to run that op.
   void complete(const TaskResult& result);
 
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   std::vector<at::Tensor> result() override { return outputs_; }
-  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override {
+    futureRequested_ = true;
+    return future_;
+  }
   int sourceRank() const override;
 
  private:
+  void completeNow(std::exception_ptr error);
+
+  std::atomic<bool> futureRequested_{false};
   std::vector<at::Tensor> outputs_;
   std::string description_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
