@@ -430,3 +430,16 @@ def expect_raises(fn, accepted, names: list[str], ctx: str = "") -> tuple[str, s
     except Exception as exc:  # noqa: BLE001
         raise AssertionError(f"{prefix}expected {wanted}, got {type(exc).__name__}: {exc}") from exc
     raise AssertionError(f"{prefix}expected {wanted}, nothing was raised")
+
+
+_GLOO_GROUP = None
+
+
+def gloo_group():
+    """A gloo group over all ranks, created once per rank process (new_group is collective, so
+    every rank must reach the first call in the same test).  The tests use it for references and
+    verdicts that must not depend on the backend under test."""
+    global _GLOO_GROUP
+    if _GLOO_GROUP is None:
+        _GLOO_GROUP = dist.new_group(backend="gloo")
+    return _GLOO_GROUP
