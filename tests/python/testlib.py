@@ -310,7 +310,7 @@ def reference_all_reduce(inputs, ws: int, dtype_name: str, op: str,
     for x in inputs:
         x64 = x.double()
         if op == "PRODUCT":
-            acc = x64 if acc is None else acc.mul_(x64)
+            acc = x64.clone() if acc is None else acc.mul_(x64)  # .double() may alias x
         else:
             term = x64 * scale if scale != 1.0 else x64
             acc = term.clone() if acc is None else acc.add_(term)
