@@ -282,20 +282,33 @@ struct ProcessGroupTCPX::Batch {
   }
 };
 
-// Ends an open coalescing block when the op it guards raises.
+// Wraps every op. When the outermost op raises (bad arguments), the other
+// ranks may have issued it fine: a collective still takes its place in the
+// group's sequence as a failed operation that tells the peers
+// (enqueueFailed), and an open coalescing block ends (torch will not call
+// endCoalescing); if that block had collected collectives, they count as one
+// failed operation too, like the composite the other ranks run.
 class ProcessGroupTCPX::OpGuard {
  public:
-  explicit OpGuard(ProcessGroupTCPX* pg) : pg_(pg), unwinding_(std::uncaught_exceptions()) {}
+  OpGuard(ProcessGroupTCPX* pg, const char* op, bool collective)
+      : pg_(pg), op_(op), collective_(collective), unwinding_(std::uncaught_exceptions()) {
+    pg_->opDepth_++;
+  }
   ~OpGuard() {
-    if (std::uncaught_exceptions() <= unwinding_) return;
+    const bool outermost = --pg_->opDepth_ == 0;
+    if (!outermost || std::uncaught_exceptions() <= unwinding_) return;
     try {
+      const bool collected = !pg_->pending_.empty();
       pg_->abandonCoalescing();
+      if (collective_ || collected) pg_->enqueueFailed(op_);
     } catch (...) {  // never throw while unwinding
     }
   }
 
  private:
   ProcessGroupTCPX* pg_;
+  const char* op_;
+  bool collective_;
   int unwinding_;
 };
 
@@ -549,6 +562,15 @@ void ProcessGroupTCPX::abandonCoalescing() {
   }
 }
 
+void ProcessGroupTCPX::enqueueFailed(const char* op) {
+  std::shared_ptr<CollectiveTask> task;
+  check(makeFailed(c10::str(op, " (rejected on rank ", rank_, ")"),
+                   c10::str(op, " raised an error for its arguments on rank ", rank_), &task));
+  task->timeout = timeout_;
+  task->onComplete = [](const TaskResult&) {};
+  comm_->enqueue(std::move(task));
+}
+
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::endCoalescing() {
   if (!coalescing_ && abandoned_) {  // the block ended early (an op raised)
     auto w = abandoned_;
@@ -589,7 +611,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::coalesce(c10d::OpType opType, c
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce(std::vector<at::Tensor>& tensors,
                                                            const c10d::AllreduceOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "all_reduce", true);
   checkSingle(tensors, "all_reduce");
   at::Tensor& t = tensors[0];
   DataType dtype;
@@ -612,7 +634,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce(std::vector<at::Tenso
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tensor>& tensors,
                                                            const c10d::BroadcastOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "broadcast", true);
   checkSingle(tensors, "broadcast");
   TORCH_CHECK_VALUE(opts.rootTensor == 0, "tcpx broadcast: rootTensor must be 0, got ",
                     opts.rootTensor);
@@ -636,7 +658,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tenso
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
     std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "all_gather", true);
   checkSingle(inputs, "all_gather");
   TORCH_CHECK_VALUE(outputs.size() == 1, "tcpx all_gather: expected one output list, got ",
                     outputs.size());
@@ -682,7 +704,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
     at::Tensor& output, at::Tensor& input, const c10d::AllgatherOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "all_gather_into_tensor", true);
   checkTensor(input, "all_gather_into_tensor", "input");
   checkTensor(output, "all_gather_into_tensor", "output");
   TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(),
@@ -716,7 +738,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_coalesced(
     std::vector<std::vector<at::Tensor>>& outputLists, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "all_gather_coalesced", true);
   // outputLists[r][i] receives rank r's inputs[i] (one list per rank).
   TORCH_CHECK_VALUE(outputLists.size() == static_cast<size_t>(size_),
                     "tcpx all_gather_coalesced: ", outputLists.size(),
@@ -738,7 +760,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_coalesced(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_into_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::AllgatherOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "all_gather_into_tensor_coalesced", true);
   TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx all_gather_into_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
   return coalesce(c10d::OpType::COALESCED, "tcpx:all_gather_into_tensor_coalesced", [&] {
@@ -748,7 +770,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_into_tensor_coalesced
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce_coalesced(
     std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "all_reduce_coalesced", true);
   return coalesce(c10d::OpType::ALLREDUCE_COALESCED, "tcpx:all_reduce_coalesced", [&] {
     for (at::Tensor& t : tensors) {
       std::vector<at::Tensor> one{t};
@@ -760,7 +782,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce_coalesced(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::ReduceScatterOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "reduce_scatter_tensor_coalesced", true);
   TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx reduce_scatter_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
   // (OpType::REDUCE_SCATTER_TENSOR_COALESCED does not exist in torch 2.11.)
@@ -773,7 +795,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter_tensor_coalesced
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce(std::vector<at::Tensor>& tensors,
                                                         const c10d::ReduceOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "reduce", true);
   checkSingle(tensors, "reduce");
   TORCH_CHECK_VALUE(opts.rootTensor == 0, "tcpx reduce: rootTensor must be 0, got ",
                     opts.rootTensor);
@@ -798,7 +820,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce(std::vector<at::Tensor>&
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter(
     std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
     const c10d::ReduceScatterOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "reduce_scatter", true);
   checkSingle(outputs, "reduce_scatter");
   TORCH_CHECK_VALUE(inputs.size() == 1, "tcpx reduce_scatter: expected one input list, got ",
                     inputs.size());
@@ -829,7 +851,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter(
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_reduce_scatter_base(
     at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "reduce_scatter_tensor", true);
   checkTensor(input, "reduce_scatter_tensor", "input");
   checkTensor(output, "reduce_scatter_tensor", "output");
   TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(),
@@ -897,7 +919,7 @@ std::vector<size_t> splitCounts(const at::Tensor& t, const std::vector<int64_t>&
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall_base(
     at::Tensor& output, at::Tensor& input, std::vector<int64_t>& outputSplitSizes,
     std::vector<int64_t>& inputSplitSizes, const c10d::AllToAllOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "all_to_all_single", true);
   checkTensor(input, "all_to_all_single", "input");
   checkTensor(output, "all_to_all_single", "output");
   TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type(),
@@ -943,7 +965,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall_base(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall(std::vector<at::Tensor>& outputs,
                                                           std::vector<at::Tensor>& inputs,
                                                           const c10d::AllToAllOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "all_to_all", true);
   TORCH_CHECK_VALUE(inputs.size() == static_cast<size_t>(size_) &&
                         outputs.size() == static_cast<size_t>(size_),
                     "tcpx all_to_all: ", inputs.size(), " input and ", outputs.size(),
@@ -985,7 +1007,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall(std::vector<at::Tensor
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::gather(
     std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
     const c10d::GatherOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "gather", true);
   checkSingle(inputs, "gather");
   TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, "tcpx gather: root rank ",
                     opts.rootRank, " is invalid: expected 0 <= root < ", size_);
@@ -1022,7 +1044,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::gather(
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::scatter(
     std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
     const c10d::ScatterOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "scatter", true);
   checkSingle(outputs, "scatter");
   TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, "tcpx scatter: root rank ",
                     opts.rootRank, " is invalid: expected 0 <= root < ", size_);
@@ -1055,7 +1077,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::scatter(
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::barrier(const c10d::BarrierOptions& opts) {
-  OpGuard guard(this);
+  OpGuard guard(this, "barrier", true);
   std::shared_ptr<CollectiveTask> task;
   check(makeBarrier(*comm_, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::BARRIER, "tcpx:barrier",
@@ -1066,7 +1088,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::barrier(const c10d::BarrierOpti
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& tensors,
                                                       int dstRank, int tag) {
-  OpGuard guard(this);
+  OpGuard guard(this, "send", false);
   checkSingle(tensors, "send");
   checkPeer(dstRank, "send", "destination");
   at::Tensor buf = contiguousView(tensors[0]);
@@ -1083,7 +1105,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& t
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& tensors,
                                                       int srcRank, int tag) {
-  OpGuard guard(this);
+  OpGuard guard(this, "recv", false);
   checkSingle(tensors, "recv");
   checkPeer(srcRank, "recv", "source");
   at::Tensor& t = tensors[0];
@@ -1102,7 +1124,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& t
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recvAnysource(std::vector<at::Tensor>& tensors,
                                                                int tag) {
-  OpGuard guard(this);
+  OpGuard guard(this, "recv", false);
   checkSingle(tensors, "recv");
   at::Tensor& t = tensors[0];
   Staging st;

@@ -158,6 +158,9 @@ class ProcessGroupTCPX : public c10d::Backend {
   // the block ends here; collected collectives are cancelled (never sent)
   // and the batch Works fail. Point-to-point ops already issued go on.
   void abandonCoalescing();
+  // Keeps the group in step after `op` raised on this rank (see makeFailed).
+  void enqueueFailed(const char* op);
+  int opDepth_ = 0;  // ops on the stack (a *_coalesced op calls others)
   // Runs `issue` (which issues several ops) as one coalesced batch and
   // returns the batch's Work; inside an open coalescing block the ops join it.
   c10::intrusive_ptr<c10d::Work> coalesce(c10d::OpType opType, const char* title,

@@ -121,6 +121,12 @@ void buildDirectGather(Schedule* s, const char* in, const std::vector<char*>& ou
 void buildDirectScatter(Schedule* s, const std::vector<const char*>& inputs, char* out,
                         size_t bytes, int root);
 
+// The binomial tree rooted at `root` that the tree broadcast and reduce
+// share: with v = (rank - root) mod n, the parent is v without its highest
+// set bit (-1 for the root) and the children are v + 2^j for every 2^j
+// above that bit, in increasing order (largest subtree first).
+void binomialTree(int n, int rank, int root, int* parent, std::vector<int>* children);
+
 // Segment i of a count split in n near-equal parts: [*off, *off + *len).
 void splitEven(size_t count, int n, int i, size_t* off, size_t* len);
 

@@ -372,6 +372,17 @@ tcpxResult_t makeAllgather(const Communicator& comm, const void* input,
   return tcpxSuccess;
 }
 
+tcpxResult_t makeFailed(const std::string& description, const std::string& reason,
+                        std::shared_ptr<CollectiveTask>* out) {
+  auto t = std::make_shared<CollectiveTask>();
+  t->description = description;
+  t->build = [reason](Schedule*) -> tcpxResult_t {
+    TCPX_ERR(tcpxInvalidArgument, "%s", reason.c_str());
+  };
+  *out = t;
+  return tcpxSuccess;
+}
+
 tcpxResult_t makeBarrier(const Communicator& comm, std::shared_ptr<CollectiveTask>* out) {
   auto t = std::make_shared<CollectiveTask>();
   t->description = "barrier()";

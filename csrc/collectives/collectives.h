@@ -90,6 +90,14 @@ tcpxResult_t makeScatter(const Communicator& comm, const std::vector<const void*
 tcpxResult_t makeCoalesced(const std::vector<std::shared_ptr<CollectiveTask>>& parts,
                            std::shared_ptr<CollectiveTask>* out);
 
+// A collective that fails at once on this rank with `reason`: it takes the
+// operation's place in the group's sequence, and the communicator tells
+// every peer (one ABORT each), so the peers' side of the operation fails
+// instead of waiting, and the group stays usable. For an op whose arguments
+// were rejected on this rank only (e.g. a bad gather_list on the root).
+tcpxResult_t makeFailed(const std::string& description, const std::string& reason,
+                        std::shared_ptr<CollectiveTask>* out);
+
 // Barrier: completes once every rank of the group has entered it.
 tcpxResult_t makeBarrier(const Communicator& comm, std::shared_ptr<CollectiveTask>* out);
 

@@ -1,30 +1,19 @@
 // Binomial-tree reduce, pipelined by chunks: the mirror of the tree broadcast.
 //
-// With v = (rank - root) mod n, a rank's parent is v with its highest set bit
-// cleared and its children are v + 2^j above that bit. A rank reduces its
-// children's partial sums into its own contribution — smallest subtree
-// first (it finishes first), always in the same order, so floating-point
-// results do not depend on arrival order — then sends the sum to its parent.
+// The tree is binomialTree(). A rank reduces its children's partial sums
+// into its own contribution (smallest subtree first: it finishes first),
+// always in the same order, so floating-point results do not depend on
+// arrival order, then sends the sum to its parent.
 // Cost: ceil(log2 n) rounds; S bytes sent per rank.
 #include "collectives/algorithms.h"
 
 namespace tcpx {
 
 void buildTreeReduce(Schedule* s, const char* in, char* acc, size_t bytes, size_t esz, int root) {
-  const int n = s->nranks();
-  const int r = s->rank();
-  if (n == 1) return;
-  const int v = (r - root + n) % n;
-  int parent = -1;
-  int top = 1;  // smallest power of two above v's highest set bit
-  if (v > 0) {
-    int h = 1;
-    while (h * 2 <= v) h *= 2;
-    parent = ((v - h) + root) % n;
-    top = h * 2;
-  }
+  if (s->nranks() == 1) return;
+  int parent;
   std::vector<int> children;
-  for (int m = top; v + m < n; m *= 2) children.push_back((v + m + root) % n);
+  binomialTree(s->nranks(), s->rank(), root, &parent, &children);
   std::reverse(children.begin(), children.end());  // smallest subtree first
   const size_t cb = std::max<size_t>(1, s->chunkBytes() / esz) * esz;
   forEachChunk(bytes, cb, [&](size_t off, size_t len) {

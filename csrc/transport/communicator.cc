@@ -451,7 +451,17 @@ struct Communicator::Impl {
     a.deadline = Clock::now() + a.timeout;
     tcpxResult_t r = task->build ? task->build(&a.sched) : tcpxSuccess;
     if (r != tcpxSuccess) {
+      // Peers may wait for this rank's part of the operation (or have sent
+      // it theirs): one ABORT each, carrying the reason, fails it there too,
+      // and every rank's sequence number moves on in step.
       std::string msg = lastError();
+      MsgHeader h;
+      h.seq = a.seq;
+      h.flags = kMsgAbort;
+      auto payload = std::make_shared<std::string>(strFormat("rank %d: %s", opts.rank, msg.c_str()));
+      if (payload->size() > chunkBytes) payload->resize(chunkBytes);
+      for (int p = 0; p < opts.nranks; p++)
+        if (p != opts.rank) queueAbort(p, h.pack(), payload);
       active.reset();
       curSeq++;
       complete(task, r, msg);
