@@ -310,8 +310,12 @@ tcpxResult_t makeCoalesced(const std::vector<std::shared_ptr<CollectiveTask>>& p
   for (size_t i = 0; i < parts.size() && i < 3; i++) what += (i ? ", " : "") + parts[i]->description;
   if (parts.size() > 3) what += ", ...";
   t->description = strFormat("coalesced(%zu ops: %s)", parts.size(), what.c_str());
+  // Every message of part i carries hash(number of parts, i): ranks whose
+  // batches differ in length disagree on their very first message.
   t->build = [parts](Schedule* s) -> tcpxResult_t {
-    for (auto& p : parts) {
+    for (size_t i = 0; i < parts.size(); i++) {
+      auto& p = parts[i];
+      s->batchSalt = paramHash(parts.size(), i + 1);
       s->header = MsgHeader();
       if (p->build) TCPX_CHECK(p->build(s));
     }

@@ -674,11 +674,13 @@ class RecvComm : public CommBase {
   void maybeCompleteLocked(SocketRequest* r) {
     if (!r->ctrlSeen || r->consumed < r->size || r->slicesInFlight > 0) return;
     if (r->state.load() != kReqPending) return;
+    // Once finished, test() on the owner's thread may free r at any time.
+    const uint64_t seq = r->seq;
     finishLocked(r, tcpxSuccess, "");
     removePendingLocked(r);
     // Retire completed requests from the front of the window.
-    if (r->seq >= windowBase_ && r->seq < windowBase_ + window_.size())
-      window_[r->seq - windowBase_] = nullptr;
+    if (seq >= windowBase_ && seq < windowBase_ + window_.size())
+      window_[seq - windowBase_] = nullptr;
     while (!window_.empty() && window_.front() == nullptr) {
       window_.pop_front();
       windowBase_++;

@@ -1114,10 +1114,15 @@ struct Communicator::Impl {
     abortedLocal = true;
     TCPX_WARN("%s aborted: %s", who().c_str(), why.c_str());
     closeConnections();
+    {
+      // Before any callback runs: an enqueue() from a callback (or from a
+      // thread it wakes) must fail at once, not queue a task nothing serves.
+      std::lock_guard<std::mutex> lk(mu);
+      aborted = why;
+    }
     failEverything(code, strFormat("%s (TCPX communicator of %s aborted)", why.c_str(),
                                    who().c_str()));
     std::lock_guard<std::mutex> lk(mu);
-    aborted = why;
     stopped.notify_all();
   }
 

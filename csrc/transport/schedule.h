@@ -57,6 +57,8 @@ class Schedule {
   MsgHeader header;
   // Reduction used by recvReduce steps.
   ReduceFn reduceFn = nullptr;
+  // Mixed into every step's parameter hash: a coalesced batch's signature.
+  uint16_t batchSalt = 0;
 
   StepId send(int peer, const void* src, size_t bytes) {
     return add(StepType::kSend, peer, const_cast<void*>(src), bytes);
@@ -87,7 +89,9 @@ class Schedule {
 
  private:
   StepId add(StepType t, int peer, void* buf, size_t bytes) {
-    if (headers_.empty() || !headers_.back().sameOp(header)) headers_.push_back(header);
+    MsgHeader h = header;
+    h.phash = static_cast<uint16_t>((h.phash ^ batchSalt) & 0xfff);
+    if (headers_.empty() || !headers_.back().sameOp(h)) headers_.push_back(h);
     steps_.push_back({t, static_cast<uint32_t>(headers_.size() - 1), peer,
                       static_cast<char*>(buf), bytes, nullptr});
     return static_cast<StepId>(steps_.size() - 1);
