@@ -1379,5 +1379,42 @@ TEST(CollectivesAnySource, TimesOutWhenNothingIsSent) {
   });
 }
 
+// A peer that sent and then shut down (destroy_process_group right after a
+// send): what arrived whole must still be receivable by receives posted
+// after the connection is gone.
+TEST(CollectivesP2P, MessagesStayReceivableAfterTheSenderShutsDown) {
+  const int n = 2;
+  auto net = makeLoopbackNet();
+  ASSERT_NE(net, nullptr);
+  Comms comms = makeComms(net.get(), n);
+  ASSERT_TRUE(allCreated(comms));
+  std::vector<int32_t> small(100), large(300000);  // inline and sliced
+  for (size_t i = 0; i < small.size(); i++) small[i] = static_cast<int32_t>(i * 3 + 1);
+  for (size_t i = 0; i < large.size(); i++) large[i] = static_cast<int32_t>(i * 7 + 5);
+  for (int tag : {1, 2}) {
+    auto& v = tag == 1 ? small : large;
+    std::shared_ptr<P2PTask> t;
+    ASSERT_EQ(makeSend(*comms[1], v.data(), v.size(), DataType::kInt32, 0, tag, &t), tcpxSuccess);
+    comms[1]->enqueue(t);  // completes once rank 0 has taken it in (unexpected queue)
+  }
+  comms[1]->shutdown();
+  // A receive for a tag never sent fails once rank 0 has seen the close:
+  // from then on the link is gone.
+  std::vector<int32_t> none(1);
+  std::shared_ptr<P2PTask> probe;
+  ASSERT_EQ(makeRecv(*comms[0], none.data(), 1, DataType::kInt32, 1, 9, &probe), tcpxSuccess);
+  TaskResult pr = runTask(*comms[0], probe);
+  ASSERT_EQ(pr.code, tcpxRemoteError) << pr.message;
+  for (int tag : {1, 2}) {
+    const auto& want = tag == 1 ? small : large;
+    std::vector<int32_t> got(want.size(), -1);
+    std::shared_ptr<P2PTask> t;
+    ASSERT_EQ(makeRecv(*comms[0], got.data(), got.size(), DataType::kInt32, 1, tag, &t), tcpxSuccess);
+    TaskResult r = runTask(*comms[0], t);
+    ASSERT_TRUE(r.ok()) << "tag " << tag << ": " << r.message;
+    EXPECT_TRUE(got == want) << "tag " << tag;
+  }
+}
+
 }  // namespace
 }  // namespace tcpx
