@@ -1,6 +1,8 @@
 #include "collectives/collectives.h"
 
 #include <cstring>
+#include <mutex>
+#include <utility>
 
 #include "collectives/algorithms.h"
 #include "collectives/reduce.h"
@@ -47,19 +49,71 @@ tcpxResult_t checkRedOp(RedOp op, DataType dtype, const char* what) {
   return tcpxSuccess;
 }
 
-// Scratch memory a task allocates when it starts (not while it is queued)
-// and keeps until it is destroyed: in-flight sends of a failed task may
-// still read it, and the task outlives them (communicator's draining list).
-class Scratch {
+// Buffers of finished tasks kept for the next ones: a fresh 64 MiB buffer
+// costs 16k page faults (the kernel zeroes every page on first touch) each
+// time an op allocates it. Best fit among at most kMaxKept buffers of
+// kMaxKeptBytes in all; a cached buffer serves requests of at least half
+// its size.
+class ScratchCache {
  public:
-  // nullptr when out of memory (then the build fails with tcpxSystemError).
-  char* alloc(size_t bytes) {
-    bufs_.push_back(allocAligned(bytes));
-    return bufs_.back().get();
+  static ScratchCache& get() {
+    static auto* cache = new ScratchCache();  // never destroyed (used at exit)
+    return *cache;
+  }
+  std::pair<AlignedBuf, size_t> take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      size_t best = kept_.size();
+      for (size_t i = 0; i < kept_.size(); i++)
+        if (kept_[i].second >= bytes && kept_[i].second / 2 <= bytes &&
+            (best == kept_.size() || kept_[i].second < kept_[best].second))
+          best = i;
+      if (best < kept_.size()) {
+        auto out = std::move(kept_[best]);
+        kept_.erase(kept_.begin() + static_cast<long>(best));
+        keptBytes_ -= out.second;
+        return out;
+      }
+    }
+    return {allocAligned(bytes), bytes};
+  }
+  void give(AlignedBuf buf, size_t bytes) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!buf || bytes > kMaxKeptBytes) return;
+    kept_.emplace_back(std::move(buf), bytes);
+    keptBytes_ += bytes;
+    // Over the limits: drop the oldest.
+    while (kept_.size() > kMaxKept || keptBytes_ > kMaxKeptBytes) {
+      keptBytes_ -= kept_.front().second;
+      kept_.erase(kept_.begin());
+    }
   }
 
  private:
-  std::vector<AlignedBuf> bufs_;
+  static constexpr size_t kMaxKept = 8;
+  static constexpr size_t kMaxKeptBytes = size_t{1} << 30;
+  std::mutex mu_;
+  std::vector<std::pair<AlignedBuf, size_t>> kept_;
+  size_t keptBytes_ = 0;
+};
+
+// Scratch memory a task allocates when it starts (not while it is queued)
+// and keeps until it is destroyed: in-flight sends of a failed task may
+// still read it, and the task outlives them (communicator's draining list).
+// The memory then goes back to the ScratchCache.
+class Scratch {
+ public:
+  ~Scratch() {
+    for (auto& b : bufs_) ScratchCache::get().give(std::move(b.first), b.second);
+  }
+  // nullptr when out of memory (then the build fails with tcpxSystemError).
+  char* alloc(size_t bytes) {
+    bufs_.push_back(ScratchCache::get().take(bytes));
+    return bufs_.back().first.get();
+  }
+
+ private:
+  std::vector<std::pair<AlignedBuf, size_t>> bufs_;
 };
 
 #define TCPX_ALLOC(var, scratch, bytes)                                                  \
