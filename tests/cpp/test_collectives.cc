@@ -51,6 +51,16 @@ bool allCreated(const Comms& comms) {
   return true;
 }
 
+// A loopback net and an n-rank group on it (the net outlives the comms).
+struct TestGroup {
+  explicit TestGroup(int n) : net(makeLoopbackNet()) {
+    if (net) comms = makeComms(net.get(), n);
+  }
+  bool ok() const { return net && allCreated(comms); }
+  std::unique_ptr<Net> net;
+  Comms comms;
+};
+
 // Enqueues `task`; the future gives its outcome.
 std::future<TaskResult> startTask(Communicator& comm, std::shared_ptr<Task> task) {
   auto done = std::make_shared<std::promise<TaskResult>>();
@@ -272,10 +282,9 @@ class WorldSize : public ::testing::TestWithParam<int> {};
 
 TEST_P(WorldSize, ReduceRootGetsReferenceOthersUnchanged) {
   const int n = GetParam();
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   // 3000 elements: 12 chunks of float32, 3 of uint8.
   const std::vector<size_t> counts = {0, 1, 7, 3000};
   runRanks(n, [&](int r) {
@@ -316,10 +325,9 @@ TEST_P(WorldSize, ReduceRootGetsReferenceOthersUnchanged) {
 
 TEST_P(WorldSize, ReduceScatterMatchesReferenceInputsUnchanged) {
   const int n = GetParam();
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   // 1000 float32 elements per block: 4 chunks.
   const std::vector<size_t> counts = {0, 1, 1000};
   runRanks(n, [&](int r) {
@@ -408,10 +416,9 @@ void checkAlltoall(const Comms& comms, const std::vector<std::vector<size_t>>& c
 
 TEST_P(WorldSize, AlltoallEqualAndUnevenCounts) {
   const int n = GetParam();
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   using Counts = std::vector<std::vector<size_t>>;
   auto make = [n](auto f) {
     Counts c(n, std::vector<size_t>(n));
@@ -525,10 +532,9 @@ void expectMismatchSomewhere(const std::vector<TaskResult>& results, const Comms
 
 TEST(CollectivesAlltoall, CountMismatchFailsWithoutHangAndGroupStaysUsable) {
   const int n = 3;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   std::vector<std::vector<size_t>> counts = {{5, 700, 3}, {2, 0, 400}, {300, 1, 9}};
   struct Lie {
     int liar, from;
@@ -555,10 +561,9 @@ TEST(CollectivesAlltoall, CountMismatchFailsWithoutHangAndGroupStaysUsable) {
 
 TEST_P(WorldSize, GatherEveryRoot) {
   const int n = GetParam();
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   // 300 int64 = 2400 bytes: 3 chunks.
   runRanks(n, [&](int r) {
     for (bool inPlace : {false, true}) {
@@ -606,10 +611,9 @@ TEST_P(WorldSize, GatherEveryRoot) {
 
 TEST_P(WorldSize, ScatterEveryRoot) {
   const int n = GetParam();
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   runRanks(n, [&](int r) {
     for (bool inPlace : {false, true}) {
       for (size_t count : {size_t{0}, size_t{1}, size_t{300}}) {
@@ -755,10 +759,9 @@ TEST(CollectivesCoalesced, SameResultsAsOneByOne) {
 
 TEST(CollectivesCoalesced, DifferentBatchesFailWithMismatchAndGroupStaysUsable) {
   const int n = 3;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   enum Variant { kSizeDiffers, kPartsSwapped, kPartMissing };
   const std::pair<Variant, const char*> variants[] = {
       {kSizeDiffers, "rank 1's reduce_scatter part is smaller"},
@@ -944,10 +947,9 @@ TEST(CollectivesCoalesced, RootedAndPairwisePartsSameAsOneByOne) {
 // in the schedule; each must still land in its own buffers.
 TEST(CollectivesCoalesced, IdenticalPartsKeepTheirOwnBuffers) {
   const int n = 3;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   const size_t count = 700;  // 2800 bytes: 3 chunks
   runRanks(n, [&](int r) {
     std::vector<std::shared_ptr<CollectiveTask>> parts;
@@ -1009,10 +1011,9 @@ TEST(CollectivesCoalesced, IdenticalPartsKeepTheirOwnBuffers) {
 // adds, so that batches of different lengths disagree on their first message.
 TEST(CollectivesCoalesced, ShorterBatchIsReportedNotTimedOut) {
   const int n = 3;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   const auto timeout = std::chrono::milliseconds(2000);
   std::vector<TaskResult> results(n);
   runRanks(n, [&](int r) {
@@ -1041,10 +1042,9 @@ TEST(CollectivesCoalesced, ShorterBatchIsReportedNotTimedOut) {
 // (under mu) before failEverything() runs the callbacks.
 TEST(CollectivesAbort, TaskEnqueuedFromAFailureCallbackStillCompletes) {
   const int n = 2;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   Communicator* c0 = comms[0].get();
   std::vector<float> buf(4);
   std::shared_ptr<P2PTask> pending;
@@ -1078,10 +1078,9 @@ TEST(CollectivesAbort, TaskEnqueuedFromAFailureCallbackStillCompletes) {
 
 TEST(CollectivesArguments, InvalidArgumentsAreRejectedWithTheirName) {
   const int n = 3;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   Communicator& c = *comms[1];
   std::vector<float> f(16);
   std::vector<int32_t> i32(16);
@@ -1145,10 +1144,9 @@ TaskResult sendNow(Communicator& c, const std::vector<float>& data, int peer, in
 
 TEST(CollectivesAnySource, EverySenderMatchedOnceWithItsData) {
   const int n = 4;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   const size_t count = 3000;  // 12000 bytes: larger than the net's inline size too
   for (int round = 0; round < 2; round++) {
     // Round 0: receives posted before anything is sent. Round 1: sent first,
@@ -1189,10 +1187,9 @@ TEST(CollectivesAnySource, EverySenderMatchedOnceWithItsData) {
 // whether that one names its source or not.
 TEST(CollectivesAnySource, OldestPostedReceiveMatchesFirst) {
   const int n = 2;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   const size_t count = 1000;
   for (bool specificFirst : {true, false}) {
     std::promise<void> posted;
@@ -1237,10 +1234,9 @@ TEST(CollectivesAnySource, OldestPostedReceiveMatchesFirst) {
 // before the one naming rank 2.
 TEST(CollectivesAnySource, SpecificReceiveSkipsOtherSenders) {
   const int n = 3;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   const size_t count = 300;
   const std::vector<float> marker(1, 1.f);
   for (bool specificFirst : {true, false}) {
@@ -1298,10 +1294,9 @@ TEST(CollectivesAnySource, SpecificReceiveSkipsOtherSenders) {
 // is the higher rank's.
 TEST(CollectivesAnySource, UnexpectedMessagesMatchInArrivalOrder) {
   const int n = 3;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   const size_t count = 500;
   std::promise<void> firstIn;
   std::shared_future<void> firstInF = firstIn.get_future().share();
@@ -1341,10 +1336,9 @@ TEST(CollectivesAnySource, UnexpectedMessagesMatchInArrivalOrder) {
 
 TEST(CollectivesAnySource, TimesOutWhenNothingIsSent) {
   const int n = 2;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   std::vector<float> buf(10, -1.f);
   std::shared_ptr<P2PTask> t;
   ASSERT_EQ(makeRecvAnySource(*comms[0], buf.data(), buf.size(), DataType::kFloat32, 77, &t),
@@ -1384,10 +1378,9 @@ TEST(CollectivesAnySource, TimesOutWhenNothingIsSent) {
 // after the connection is gone.
 TEST(CollectivesP2P, MessagesStayReceivableAfterTheSenderShutsDown) {
   const int n = 2;
-  auto net = makeLoopbackNet();
-  ASSERT_NE(net, nullptr);
-  Comms comms = makeComms(net.get(), n);
-  ASSERT_TRUE(allCreated(comms));
+  TestGroup g(n);
+  ASSERT_TRUE(g.ok());
+  Comms& comms = g.comms;
   std::vector<int32_t> small(100), large(300000);  // inline and sliced
   for (size_t i = 0; i < small.size(); i++) small[i] = static_cast<int32_t>(i * 3 + 1);
   for (size_t i = 0; i < large.size(); i++) large[i] = static_cast<int32_t>(i * 7 + 5);
