@@ -1,3 +1,11 @@
+"""Quick smoke test of the collectives added in issue 3, for a new machine (e.g. the GPU host):
+
+    torchrun --standalone --nproc-per-node 3 scripts/smoke_ops.py
+
+Each rank checks reduce, reduce_scatter(_tensor), all_to_all(_single) with uneven splits, gather,
+scatter, recv from any source, a coalesced block and batch_isend_irecv against values it computes
+itself, and prints "rank R OK". The real tests are tests/python/test_collectives_more.py.
+"""
 import os, sys, torch, torch.distributed as dist, torch_tcpx
 def main():
     rank=int(os.environ["RANK"]); ws=int(os.environ["WORLD_SIZE"])
