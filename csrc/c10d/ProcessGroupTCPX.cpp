@@ -122,10 +122,6 @@ void checkSingle(const std::vector<at::Tensor>& ts, const char* op) {
   checkTensor(ts[0], op, "tensor");
 }
 
-// A contiguous tensor to run the operation on, and (for outputs) what copies
-// the result back into the user's non-contiguous tensor.
-at::Tensor contiguousView(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
-
 RedOp mapRedOp(const c10d::ReduceOp& op, double* factor, const char* opName = "all_reduce") {
   *factor = 1.0;
   switch (op.op_) {
@@ -231,14 +227,10 @@ class Staging {
   std::vector<std::pair<at::Tensor, at::Tensor>> back_;
 };
 
-std::vector<const void*> constPtrs(const std::vector<at::Tensor>& ts) {
-  std::vector<const void*> v;
-  for (const at::Tensor& t : ts) v.push_back(t.data_ptr());
-  return v;
-}
-
-std::vector<void*> mutPtrs(const std::vector<at::Tensor>& ts) {
-  std::vector<void*> v;
+// The data pointers of `ts`, as the core's makers take them.
+template <class P = void*>
+std::vector<P> dataPtrs(const std::vector<at::Tensor>& ts) {
+  std::vector<P> v;
   for (const at::Tensor& t : ts) v.push_back(t.data_ptr());
   return v;
 }
@@ -492,9 +484,11 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> t
                                                          std::chrono::milliseconds timeout,
                                                          std::vector<at::Tensor> keep) {
   task->timeout = timeout;
-  std::vector<ByteRange> ranges;
-  for (const at::Tensor& t : keep)
-    if (t.numel()) ranges.push_back(byteRange(t));
+  const bool collect = coalescing_ && task->type == Task::Type::kCollective;
+  std::vector<ByteRange> ranges;  // the memory a collected op touches
+  if (collect)
+    for (const at::Tensor& t : keep)
+      if (t.numel()) ranges.push_back(byteRange(t));
   for (auto& b : batches_) b->add(work->result());
   // The task holds the work and the buffers the net reads or writes until the
   // communicator lets go of it (which, after a failure, can be after the work
@@ -503,7 +497,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> t
     work->complete(r);
     for (auto& b : batches) b->done(r);
   };
-  if (coalescing_ && task->type == Task::Type::kCollective) {
+  if (collect) {
     // The parts of a composite all prepare before any message moves, so an
     // op that touches memory of a collected one starts a new composite.
     bool clash = false;
@@ -613,23 +607,19 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce(std::vector<at::Tenso
                                                            const c10d::AllreduceOptions& opts) {
   OpGuard guard(this, "all_reduce", true);
   checkSingle(tensors, "all_reduce");
-  at::Tensor& t = tensors[0];
-  DataType dtype;
-  TORCH_CHECK_VALUE(mapDtype(t.scalar_type(), &dtype), "tcpx all_reduce: dtype ",
-                    t.scalar_type(),
-                    " is not supported (allowed: float32, float64, float16, bfloat16, int8, "
-                    "int16, int32, int64, uint8, bool)");
+  DataType dtype = reduceType(tensors[0], "all_reduce");
   double factor = 1.0;
   RedOp op = mapRedOp(opts.reduceOp, &factor);
-  at::Tensor buf = contiguousView(t);
+  Staging st;
+  at::Tensor buf = st.inout(tensors[0]);
   std::shared_ptr<CollectiveTask> task;
   check(makeAllreduce(*comm_, collConfig_, buf.data_ptr(), static_cast<size_t>(buf.numel()),
                       dtype, op, factor, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::ALLREDUCE, "tcpx:all_reduce",
                                             tensors, task->description,
                                             std::optional<std::vector<at::Tensor>>(tensors));
-  if (!buf.is_same(t)) work->postprocess = [t, buf]() mutable { t.copy_(buf); };
-  return enqueue(task, work, opTimeout(opts.timeout), {buf});
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tensor>& tensors,
@@ -640,19 +630,19 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tenso
                     opts.rootTensor);
   TORCH_CHECK_VALUE(opts.rootRank >= 0 && opts.rootRank < size_, "tcpx broadcast: root rank ",
                     opts.rootRank, " is invalid: expected 0 <= root < ", size_);
-  at::Tensor& t = tensors[0];
   DataType dtype;
   size_t count;
-  moveShape(t, &dtype, &count);
-  at::Tensor buf = contiguousView(t);
+  moveShape(tensors[0], &dtype, &count);
+  Staging st;
+  at::Tensor buf = st.inout(tensors[0]);
   std::shared_ptr<CollectiveTask> task;
   check(makeBroadcast(*comm_, collConfig_, buf.data_ptr(), count, dtype,
                       static_cast<int>(opts.rootRank), &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::BROADCAST, "tcpx:broadcast",
                                             tensors, task->description,
                                             std::optional<std::vector<at::Tensor>>(tensors));
-  if (!buf.is_same(t)) work->postprocess = [t, buf]() mutable { t.copy_(buf); };
-  return enqueue(task, work, opTimeout(opts.timeout), {buf});
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
@@ -666,40 +656,21 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
   TORCH_CHECK_VALUE(outs.size() == static_cast<size_t>(size_), "tcpx all_gather: ", outs.size(),
                     " output tensors given, expected one per rank (", size_, ")");
   const at::Tensor& in = inputs[0];
-  for (size_t i = 0; i < outs.size(); i++) {
-    checkTensor(outs[i], "all_gather", "output tensor");
-    TORCH_CHECK_VALUE(outs[i].numel() == in.numel() && outs[i].scalar_type() == in.scalar_type(),
-                      "tcpx all_gather: output tensor ", i, " has ", outs[i].numel(),
-                      " elements of ", outs[i].scalar_type(), "; the input has ", in.numel(),
-                      " of ", in.scalar_type(), " (they must match)");
-  }
+  checkSameShape(outs, in, in.numel(), "all_gather", "output tensor");
   DataType dtype;
   size_t count;
   moveShape(in, &dtype, &count);
-  at::Tensor inBuf = contiguousView(in);
+  Staging st;
+  at::Tensor inBuf = st.in(in);
   std::vector<at::Tensor> outBufs;
-  std::vector<void*> ptrs;
-  bool copyBack = false;
-  for (auto& o : outs) {
-    outBufs.push_back(o.is_contiguous() ? o : at::empty_like(o, at::MemoryFormat::Contiguous));
-    copyBack |= !outBufs.back().is_same(o);
-    ptrs.push_back(outBufs.back().data_ptr());
-  }
+  for (const at::Tensor& o : outs) outBufs.push_back(st.out(o));
   std::shared_ptr<CollectiveTask> task;
-  check(makeAllgather(*comm_, inBuf.data_ptr(), ptrs, count, dtype, &task));
+  check(makeAllgather(*comm_, inBuf.data_ptr(), dataPtrs(outBufs), count, dtype, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::ALLGATHER, "tcpx:all_gather",
                                             outs, task->description,
                                             std::optional<std::vector<at::Tensor>>(inputs));
-  if (copyBack) {
-    std::vector<at::Tensor> users = outs;
-    work->postprocess = [users, outBufs]() mutable {
-      for (size_t i = 0; i < users.size(); i++)
-        if (!outBufs[i].is_same(users[i])) users[i].copy_(outBufs[i]);
-    };
-  }
-  std::vector<at::Tensor> keep = outBufs;
-  keep.push_back(inBuf);
-  return enqueue(task, work, opTimeout(opts.timeout), std::move(keep));
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
@@ -716,8 +687,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
   DataType dtype;
   size_t count;
   moveShape(input, &dtype, &count);
-  at::Tensor inBuf = contiguousView(input);
-  at::Tensor outBuf = contiguousView(output);
+  Staging st;
+  at::Tensor inBuf = st.in(input);
+  // In place (the input is this rank's block of the output) is allowed.
+  at::Tensor outBuf = st.out(output);
   const size_t segBytes = count * dataTypeSize(dtype);
   std::vector<void*> ptrs;
   for (int i = 0; i < size_; i++)
@@ -728,11 +701,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
       rank_, c10d::OpType::_ALLGATHER_BASE, "tcpx:all_gather_into_tensor",
       std::vector<at::Tensor>{output}, task->description,
       std::optional<std::vector<at::Tensor>>(std::vector<at::Tensor>{input}));
-  if (!outBuf.is_same(output)) {
-    at::Tensor o = output;
-    work->postprocess = [o, outBuf]() mutable { o.copy_(outBuf); };
-  }
-  return enqueue(task, work, opTimeout(opts.timeout), {inBuf, outBuf});
+  st.attach(*work);
+  return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_coalesced(
@@ -840,7 +810,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter(
     if (i != rank_ || !ins[i].is_same(out)) avoid.push_back(ins[i]);
   at::Tensor o = st.out(out, avoid);
   std::shared_ptr<CollectiveTask> task;
-  check(makeReduceScatter(*comm_, constPtrs(ins), o.data_ptr(), static_cast<size_t>(o.numel()),
+  check(makeReduceScatter(*comm_, dataPtrs<const void*>(ins), o.data_ptr(), static_cast<size_t>(o.numel()),
                           dtype, op, factor, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::REDUCE_SCATTER,
                                             "tcpx:reduce_scatter", outputs, task->description,
@@ -996,7 +966,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall(std::vector<at::Tensor
     recvCounts.push_back(count);
   }
   std::shared_ptr<CollectiveTask> task;
-  check(makeAlltoall(*comm_, constPtrs(ins), sendCounts, mutPtrs(outs), recvCounts, dtype, &task));
+  check(makeAlltoall(*comm_, dataPtrs<const void*>(ins), sendCounts, dataPtrs(outs), recvCounts, dtype, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::ALLTOALL, "tcpx:all_to_all",
                                             outputs, task->description,
                                             std::optional<std::vector<at::Tensor>>(inputs));
@@ -1031,7 +1001,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::gather(
   size_t count;
   moveShape(in, &dtype, &count);
   std::shared_ptr<CollectiveTask> task;
-  check(makeGather(*comm_, in.data_ptr(), mutPtrs(outs), count, dtype,
+  check(makeGather(*comm_, in.data_ptr(), dataPtrs(outs), count, dtype,
                    static_cast<int>(opts.rootRank), &task));
   auto work = c10::make_intrusive<WorkTCPX>(
       rank_, c10d::OpType::GATHER, "tcpx:gather",
@@ -1067,7 +1037,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::scatter(
   size_t count;
   moveShape(o, &dtype, &count);
   std::shared_ptr<CollectiveTask> task;
-  check(makeScatter(*comm_, constPtrs(ins), o.data_ptr(), count, dtype,
+  check(makeScatter(*comm_, dataPtrs<const void*>(ins), o.data_ptr(), count, dtype,
                     static_cast<int>(opts.rootRank), &task));
   auto work = c10::make_intrusive<WorkTCPX>(
       rank_, c10d::OpType::SCATTER, "tcpx:scatter", outputs, task->description,
@@ -1091,7 +1061,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& t
   OpGuard guard(this, "send", false);
   checkSingle(tensors, "send");
   checkPeer(dstRank, "send", "destination");
-  at::Tensor buf = contiguousView(tensors[0]);
+  Staging st;
+  at::Tensor buf = st.in(tensors[0]);
   DataType dtype;
   size_t count;
   moveShape(buf, &dtype, &count);
@@ -1100,7 +1071,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& t
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::SEND, "tcpx:send", tensors,
                                             task->description,
                                             std::optional<std::vector<at::Tensor>>(tensors));
-  return enqueue(task, work, timeout_, {buf});
+  return enqueue(task, work, timeout_, st.buffers());
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& tensors,
@@ -1108,8 +1079,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& t
   OpGuard guard(this, "recv", false);
   checkSingle(tensors, "recv");
   checkPeer(srcRank, "recv", "source");
-  at::Tensor& t = tensors[0];
-  at::Tensor buf = contiguousView(t);
+  Staging st;
+  at::Tensor buf = st.out(tensors[0]);
   DataType dtype;
   size_t count;
   moveShape(buf, &dtype, &count);
@@ -1118,8 +1089,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& t
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::RECV, "tcpx:recv", tensors,
                                             task->description, std::nullopt);
   work->srcRank = srcRank;
-  if (!buf.is_same(t)) work->postprocess = [t, buf]() mutable { t.copy_(buf); };
-  return enqueue(task, work, timeout_, {buf});
+  st.attach(*work);
+  return enqueue(task, work, timeout_, st.buffers());
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recvAnysource(std::vector<at::Tensor>& tensors,

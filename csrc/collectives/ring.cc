@@ -32,8 +32,7 @@ void RingPass::round(int sseg, int rseg, bool reduce) {
     if (reduce) id = s_->recvReduce(prev_, dst, c.len, c.lastRecv == kNone ? in_[rseg] + c.off : dst);
     else id = s_->recv(prev_, dst, c.len);
     if (c.lastSend != kNone) s_->after(id, c.lastSend);
-    if (c.lastRecv != kNone) s_->after(id, c.lastRecv);
-    c.lastRecv = id;
+    c.lastRecv = id;  // (receives from the predecessor already run in order)
   }
 }
 

@@ -458,8 +458,7 @@ struct Communicator::Impl {
       MsgHeader h;
       h.seq = a.seq;
       h.flags = kMsgAbort;
-      auto payload = std::make_shared<std::string>(strFormat("rank %d: %s", opts.rank, msg.c_str()));
-      if (payload->size() > chunkBytes) payload->resize(chunkBytes);
+      auto payload = abortPayload(msg);
       for (int p = 0; p < opts.nranks; p++)
         if (p != opts.rank) queueAbort(p, h.pack(), payload);
       active.reset();
@@ -659,8 +658,7 @@ struct Communicator::Impl {
     ActiveColl& a = *active;
     TCPX_INFO(kLogColl, "%s: %s", who().c_str(), msg.c_str());
     auto task = a.task;
-    auto payload = std::make_shared<std::string>(strFormat("rank %d: %s", opts.rank, msg.c_str()));
-    if (payload->size() > chunkBytes) payload->resize(chunkBytes);
+    auto payload = abortPayload(msg);
     static const auto kEmpty = std::make_shared<std::string>();
     MsgHeader h = a.sched.header;
     h.flags = kMsgAbort;
@@ -679,6 +677,13 @@ struct Communicator::Impl {
     active.reset();
     curSeq++;
     complete(task, code, msg);
+  }
+
+  // The reason an ABORT carries: "rank R: why", cut to fit a bounce buffer.
+  std::shared_ptr<std::string> abortPayload(const std::string& why) const {
+    auto payload = std::make_shared<std::string>(strFormat("rank %d: %s", opts.rank, why.c_str()));
+    if (payload->size() > chunkBytes) payload->resize(chunkBytes);
+    return payload;
   }
 
   void queueAbort(int p, uint64_t tag, const std::shared_ptr<std::string>& payload) {
