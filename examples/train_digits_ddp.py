@@ -33,7 +33,10 @@ How to run
     torchrun --standalone --nproc-per-node 4 examples/train_digits_ddp.py
     torchrun --standalone --nproc-per-node 4 examples/train_digits_ddp.py --backend gloo
 
-(``--backend gloo`` compares gloo with gloo, a check of the script itself.)
+(``--backend gloo`` compares gloo with gloo, a check of the script itself.) On GPUs:
+
+    torchrun --standalone --nproc-per-node 2 examples/train_digits_ddp.py --device cuda --reference nccl
+
 Options: ``--epochs``, ``--batch-size`` (per rank), ``--lr``, ``--momentum``,
 ``--seed``, ``--device cpu|cuda``, ``--rtol``, ``--atol``; see ``--help``.
 Needs scikit-learn (``pip install scikit-learn``).
@@ -62,6 +65,8 @@ def parse_args():
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", default="gloo",
+                   help="backend of the reference run (gloo; nccl with --device cuda)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the model and tensors live (cuda: one GPU per rank, LOCAL_RANK)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads per process")
@@ -181,7 +186,8 @@ def main():
         device = torch.device("cpu")
 
     dist.init_process_group(backend=args.backend)  # env:// from torchrun
-    gloo_pg = dist.new_group(backend="gloo")
+    gloo_pg = dist.new_group(backend="gloo")  # carries the verdict
+    ref_pg = gloo_pg if args.reference == "gloo" else dist.new_group(backend=args.reference)
     world = dist.get_world_size()
     test_name = args.backend if args.backend != "gloo" else "gloo*"  # gloo* = default-group gloo
 
@@ -193,7 +199,7 @@ def main():
          f"{sum(v.numel() for v in init_state.values())} parameters")
 
     p_test, t_test = train(test_name, dist.group.WORLD, init_state, train_set, test_set, args, device)
-    p_gloo, t_gloo = train("gloo", gloo_pg, init_state, train_set, test_set, args, device)
+    p_gloo, t_gloo = train(args.reference, ref_pg, init_state, train_set, test_set, args, device)
 
     # 1) The run under test against the gloo run, on every rank.
     max_abs = max((a - b).abs().max().item() for a, b in zip(p_test, p_gloo))
@@ -209,15 +215,16 @@ def main():
     max_abs, any_not_close, replica_diff = verdict.tolist()
     ok = any_not_close == 0.0 and replica_diff == 0.0
 
-    log0(f"wall time: {test_name} {t_test:.3f} s, gloo {t_gloo:.3f} s")
-    log0(f"max |param({test_name}) - param(gloo)| = {max_abs:.3e}; "
+    refname = args.reference
+    log0(f"wall time: {test_name} {t_test:.3f} s, {refname} {t_gloo:.3f} s")
+    log0(f"max |param({test_name}) - param({refname})| = {max_abs:.3e}; "
          f"max replica difference across ranks ({test_name}) = {replica_diff:.3e}")
     if ok:
-        log0(f"PASS: final parameters match gloo within rtol={args.rtol:g}, atol={args.atol:g}")
+        log0(f"PASS: final parameters match {refname} within rtol={args.rtol:g}, atol={args.atol:g}")
     else:
         why = []
         if any_not_close:
-            why.append(f"final parameters differ from gloo beyond rtol={args.rtol:g}, atol={args.atol:g} "
+            why.append(f"final parameters differ from {refname} beyond rtol={args.rtol:g}, atol={args.atol:g} "
                        f"(max abs diff {max_abs:.3e})")
         if replica_diff:
             why.append(f"replicas differ across ranks (max abs diff {replica_diff:.3e})")

@@ -82,7 +82,7 @@ How to run
     bash scripts/train_fsdp2.sh          # installs and builds first, then the first line
 
 Options: ``--steps``, ``--global-batch``, ``--lr``, ``--layers``, ``--dim``,
-``--heads``, ``--dtype``, ``--seed``, ``--threads``, ``--log-every``,
+``--heads``, ``--dtype``, ``--device cpu|cuda``, ``--seed``, ``--threads``, ``--log-every``,
 ``--no-trace``, ``--inject-fault``, ``--loss-rtol``, ``--param-atol``,
 ``--param-rtol``; see ``--help``. Needs scikit-learn.
 ``tests/python/test_fsdp.py`` runs ``compare_fsdp_with_single_process`` from
@@ -119,6 +119,9 @@ class Config:
     dim: int = 64
     heads: int = 4
     dtype: str = "float32"
+    # "cuda": the model and data live on the rank's GPU (LOCAL_RANK), the mesh is a CUDA mesh,
+    # and the single-process reference runs on rank 0's GPU.
+    device: str = "cpu"
     seed: int = 0
     log_every: int = 10
     trace: bool = True
@@ -143,6 +146,12 @@ class Config:
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,13 +228,15 @@ class TinyDecoder(nn.Module):
 
 
 def make_model(cfg: Config) -> nn.Module:
-    return TinyDecoder(cfg.layers, cfg.dim, cfg.heads).to(cfg.torch_dtype)
+    return TinyDecoder(cfg.layers, cfg.dim, cfg.heads).to(cfg.torch_dtype).to(cfg.torch_device)
 
 
 def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
-    """The initial weights, a function of the seed only (so every rank builds the same ones)."""
+    """The initial weights, a function of the seed only (so every rank builds the same ones);
+    made on the CPU whatever the device, so CPU and CUDA runs start from the same weights."""
     torch.manual_seed(cfg.seed)
-    return {k: v.clone() for k, v in make_model(cfg).state_dict().items()}
+    cpu = TinyDecoder(cfg.layers, cfg.dim, cfg.heads).to(cfg.torch_dtype)
+    return {k: v.clone().to(cfg.torch_device) for k, v in cpu.state_dict().items()}
 
 
 def next_token_loss(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
@@ -314,8 +325,8 @@ def train_fsdp(cfg: Config, train: torch.Tensor, init_state, batches):
         raise ValueError(f"global batch {cfg.global_batch} is not divisible by world size {world}")
     local = cfg.global_batch // world
 
-    mesh = init_device_mesh("cpu", (world,))
-    if mesh.get_group() != dist.group.WORLD:  # a 1-D CPU mesh must reuse the group under test
+    mesh = init_device_mesh(cfg.torch_device.type, (world,))
+    if mesh.get_group() != dist.group.WORLD:  # a 1-D mesh must reuse the group under test
         raise RuntimeError(f"the FSDP mesh runs on {dist.get_backend(mesh.get_group())}, "
                            f"not on the default group ({dist.get_backend()})")
     model = make_model(cfg)
@@ -341,7 +352,7 @@ def train_fsdp(cfg: Config, train: torch.Tensor, init_state, batches):
         trace = tr if tr is not None else trace
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
-    shards = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+    shards = {n: p.to_local().detach().cpu() for n, p in model.named_parameters()}
     return losses, shards, model, seconds, trace
 
 
@@ -390,7 +401,7 @@ def compare_fsdp_with_single_process(cfg: Config, check_group=None, log=None) ->
         check_group = dist.new_group(backend="gloo")
     say = (log or (lambda s: print(s, flush=True))) if rank == 0 else (lambda s: None)
 
-    train, held_out = load_sequences(cfg.seed)
+    train, held_out = (t.to(cfg.torch_device) for t in load_sequences(cfg.seed))
     batches = global_batches(len(train), cfg.global_batch, cfg.steps, cfg.seed)
     init_state = initial_state(cfg)
     n_params = sum(v.numel() for v in init_state.values())
@@ -413,7 +424,8 @@ def compare_fsdp_with_single_process(cfg: Config, check_group=None, log=None) ->
         with torch.no_grad():
             ref_held = next_token_loss(ref_model, held_out).item()
         ref_flat.copy_(torch.cat([torch.tensor(ref_losses, dtype=torch.float64),
-                                  torch.cat([ref_params[n].reshape(-1).double() for n in names]),
+                                  torch.cat([ref_params[n].reshape(-1).double().cpu()
+                                             for n in names]),
                                   torch.tensor([t_ref, ref_held], dtype=torch.float64)]))
     dist.broadcast(ref_flat, src=0, group=check_group)
     ref_losses = ref_flat[:cfg.steps]
@@ -506,6 +518,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=d.dim)
     p.add_argument("--heads", type=int, default=d.heads)
     p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device,
+                   help="cuda: one GPU per rank (LOCAL_RANK); the reference runs on rank 0's GPU")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads per process")
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -525,7 +539,15 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    if args.device == "cuda":
+        import os
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Attention backward kernels have no deterministic variant: warn, do not fail (the
+        # tolerances leave room for their reordering).
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
     if args.backend == "tcpx":
         import torch_tcpx  # noqa: F401  (registers the "tcpx" backend)
     dist.init_process_group(backend=args.backend)  # env:// from torchrun

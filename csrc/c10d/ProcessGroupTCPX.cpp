@@ -9,7 +9,19 @@
 #include <thread>
 
 #include <ATen/core/ivalue.h>
+#include <c10/core/StreamGuard.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+
+#ifdef TCPX_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include "collectives/reduce_cuda.h"
+#include "transport/stage.h"
+#endif
 
 #include "common/logging.h"
 #include "common/param.h"
@@ -107,13 +119,25 @@ void moveShape(const at::Tensor& t, DataType* dtype, size_t* count) {
   *count = static_cast<size_t>(t.numel()) * moveUnits(t, dtype);
 }
 
+// The device of the first tensor the running op checked: where the peers
+// run it, so that a failed op's stand-in goes to the same communicator.
+thread_local std::optional<c10::Device> opDevice;
+
 void checkTensor(const at::Tensor& t, const char* op, const char* what) {
   TORCH_CHECK_VALUE(t.defined(), "tcpx ", op, ": ", what, " is undefined");
+  if (!opDevice) opDevice = t.device();
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, "tcpx ", op, ": ", what,
                     " has layout ", t.layout(), "; only dense (strided) tensors are supported");
+#ifdef TCPX_WITH_CUDA
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), "tcpx ", op, ": ", what,
+                    " is on device '", t.device().str(),
+                    "'; the tcpx backend supports CPU and CUDA tensors");
+#else
   TORCH_CHECK_VALUE(t.device().is_cpu(), "tcpx ", op, ": ", what, " is on device '",
                     t.device().str(),
-                    "'; this build of the tcpx backend supports CPU tensors only");
+                    "'; this build of the tcpx backend supports CPU tensors only (it was built "
+                    "without CUDA)");
+#endif
 }
 
 void checkSingle(const std::vector<at::Tensor>& ts, const char* op) {
@@ -183,12 +207,15 @@ bool overlap(const ByteRange& a, const ByteRange& b) {
   return a.first < b.second && b.first < a.second;
 }
 
+}  // namespace
+
 // Contiguous buffers that stand in for the user's tensors while an op runs:
 // the tensor itself when it is contiguous (and, for outputs, overlaps none
 // of `avoid`), else a contiguous copy; what the op writes is copied back
 // into the user's tensor when the work succeeds.
 class Staging {
  public:
+  explicit Staging(const char* op) : op_(op) {}
   // Only read by the op.
   at::Tensor in(const at::Tensor& t) { return add(t.is_contiguous() ? t : t.contiguous()); }
   // Read and written (in-place ops).
@@ -210,9 +237,16 @@ class Staging {
   }
   // Every buffer, to keep alive while the op runs.
   const std::vector<at::Tensor>& buffers() const { return bufs_; }
-  // Makes `work` copy the results back before it completes.
+  // The device of every tensor of the op (CPU when there are none).
+  c10::Device device() const { return device_ ? *device_ : c10::Device(c10::kCPU); }
+  // Makes `work` copy the results back when it completes: on the host for
+  // CPU tensors, on the completion stream after the op for CUDA tensors.
   void attach(WorkTCPX& work) const {
     if (back_.empty()) return;
+    if (device().is_cuda()) {
+      work.deviceAfter.insert(work.deviceAfter.end(), back_.begin(), back_.end());
+      return;
+    }
     work.postprocess = [back = back_]() mutable {
       for (auto& [user, buf] : back) user.copy_(buf);
     };
@@ -220,12 +254,20 @@ class Staging {
 
  private:
   at::Tensor add(at::Tensor b) {
+    if (!device_) device_ = b.device();
+    TORCH_CHECK_VALUE(b.device() == *device_, "tcpx ", op_,
+                      ": all tensors of one op must be on the same device; got ",
+                      device_->str(), " and ", b.device().str());
     bufs_.push_back(b);
     return b;
   }
+  const char* op_;
+  std::optional<c10::Device> device_;
   std::vector<at::Tensor> bufs_;
   std::vector<std::pair<at::Tensor, at::Tensor>> back_;
 };
+
+namespace {
 
 // The data pointers of `ts`, as the core's makers take them.
 template <class P = void*>
@@ -233,6 +275,14 @@ std::vector<P> dataPtrs(const std::vector<at::Tensor>& ts) {
   std::vector<P> v;
   for (const at::Tensor& t : ts) v.push_back(t.data_ptr());
   return v;
+}
+
+// A pinned host tensor shaped like CUDA tensor `t` (from PyTorch's caching
+// host allocator), through which a point-to-point message travels; `t`
+// itself for a CPU tensor.
+at::Tensor pinnedLike(const at::Tensor& t) {
+  if (!t.is_cuda()) return t;
+  return at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
 }
 
 }  // namespace
@@ -249,10 +299,16 @@ struct ProcessGroupTCPX::Batch {
   std::vector<at::Tensor> outputs;
   c10::intrusive_ptr<WorkTCPX> work;
 
-  void add(const std::vector<at::Tensor>& outs) {
+  std::vector<std::function<void()>> streamWaits;  // of its CUDA ops
+  bool hostWait = false;
+
+  void add(const WorkTCPX& w) {
     std::lock_guard<std::mutex> lk(mu);
     pending++;
+    hostWait |= w.hostWait;
+    auto outs = const_cast<WorkTCPX&>(w).result();
     outputs.insert(outputs.end(), outs.begin(), outs.end());
+    streamWaits.insert(streamWaits.end(), w.streamWaits.begin(), w.streamWaits.end());
   }
   void done(const TaskResult& r) {
     c10::intrusive_ptr<WorkTCPX> fire;
@@ -266,6 +322,8 @@ struct ProcessGroupTCPX::Batch {
   void seal(c10::intrusive_ptr<WorkTCPX> w) {
     {
       std::lock_guard<std::mutex> lk(mu);
+      w->streamWaits = streamWaits;
+      w->hostWait = hostWait;
       work = w;
       sealed = true;
       if (pending) return;
@@ -284,7 +342,7 @@ class ProcessGroupTCPX::OpGuard {
  public:
   OpGuard(ProcessGroupTCPX* pg, const char* op, bool collective)
       : pg_(pg), op_(op), collective_(collective), unwinding_(std::uncaught_exceptions()) {
-    pg_->opDepth_++;
+    if (pg_->opDepth_++ == 0) opDevice.reset();
   }
   ~OpGuard() {
     const bool outermost = --pg_->opDepth_ == 0;
@@ -391,7 +449,15 @@ void WorkTCPX::complete(const TaskResult& result) {
   CompletionThreads::get().post([self, error] { self->completeNow(error); });
 }
 
+void WorkTCPX::useDeviceFuture(c10::Device device) {
+  future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()),
+                                                     std::vector<c10::Device>{device});
+}
+
 void WorkTCPX::completeNow(std::exception_ptr error) {
+  // A device Future records its events on the current stream: make that the
+  // completion stream, whose event follows the op and its copies.
+  c10::OptionalStreamGuard guard(completionStream);
   if (error) {
     future_->setError(error);
     finish(error);
@@ -403,6 +469,12 @@ void WorkTCPX::completeNow(std::exception_ptr error) {
 
 bool WorkTCPX::wait(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mutex_);
+  if (!streamWaits.empty() && !hostWait && timeout == kNoTimeout) {
+    if (completed_ && exception_) std::rethrow_exception(exception_);
+    lock.unlock();
+    synchronize();
+    return true;
+  }
   if (timeout == kNoTimeout) {
     cv_.wait(lock, [&] { return completed_; });
   } else if (!cv_.wait_for(lock, timeout, [&] { return completed_; })) {
@@ -411,7 +483,13 @@ bool WorkTCPX::wait(std::chrono::milliseconds timeout) {
                              description_, " has not completed"));
   }
   if (exception_) std::rethrow_exception(exception_);
+  lock.unlock();
+  synchronize();
   return true;
+}
+
+void WorkTCPX::synchronize() {
+  for (auto& w : streamWaits) w();
 }
 
 int WorkTCPX::sourceRank() const {
@@ -457,6 +535,9 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
   o.chunkBytes = params->chunkBytes;
   o.buffers = params->buffers;
   o.spinUs = params->spinUs;
+  store_ = store;
+  commOptions_ = o;
+  cudaWaitHost_ = params->cudaWaitHost;
   check(Communicator::create(o, &comm_));
   static std::once_flag printed;
   std::call_once(printed, [&] {
@@ -465,7 +546,203 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
 }
 
 ProcessGroupTCPX::~ProcessGroupTCPX() {
+  cuda_.reset();
   if (comm_) comm_->shutdown();
+}
+
+// ------------------------------------------------------------------- CUDA
+
+#ifdef TCPX_WITH_CUDA
+namespace {
+
+// A CUDA event without timing (ATen's CUDAEvent would pull in the cuBLAS/
+// cuSPARSE headers, which the compile-only check of CI does not have).
+class DeviceEvent {
+ public:
+  explicit DeviceEvent(c10::DeviceIndex device) {
+    c10::cuda::CUDAGuard g(device);
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming));
+  }
+  ~DeviceEvent() { cudaEventDestroy(ev_); }
+  DeviceEvent(const DeviceEvent&) = delete;
+  DeviceEvent& operator=(const DeviceEvent&) = delete;
+  void record(const c10::cuda::CUDAStream& s) { C10_CUDA_CHECK(cudaEventRecord(ev_, s.stream())); }
+  void block(const c10::cuda::CUDAStream& s) const {
+    C10_CUDA_CHECK(cudaStreamWaitEvent(s.stream(), ev_, 0));
+  }
+  // true once the recorded work is done; a CUDA error counts as done (the
+  // op then runs and the error surfaces in the next CUDA call of the caller).
+  bool query() const { return cudaEventQuery(ev_) != cudaErrorNotReady; }
+
+ private:
+  cudaEvent_t ev_ = nullptr;
+};
+
+}  // namespace
+
+// The CUDA side of a group: its communicator (device collectives through a
+// stage), the streams completion events go on, and the completion flags.
+struct ProcessGroupTCPX::CudaState {
+  // Flags live in one slab of mapped pinned memory; op k uses word k mod
+  // kFlags and waits for the value k (wrap-around order), so a word is
+  // reused only after 2^20 later ops, long after its waiter has finished.
+  static constexpr uint32_t kFlags = 1u << 20;
+
+  c10::Device device;
+  std::unique_ptr<Communicator> comm;
+  c10::cuda::CUDAStream collStream;     // completion of collectives, in issue order
+  c10::cuda::CUDAStream stagingStream;  // point-to-point sends: device -> pinned
+  std::map<int, c10::cuda::CUDAStream> p2pStreams;  // completion of p2p ops, per peer
+  uint32_t* flags = nullptr;
+  uint32_t gen = 0;
+
+  CudaState(c10::Device d)
+      : device(d),
+        collStream(c10::cuda::getStreamFromPool(true, d.index())),
+        stagingStream(c10::cuda::getStreamFromPool(true, d.index())) {}
+
+  ~CudaState() {
+    // Every task completes (and sets its flag) before the worker stops.
+    if (comm) comm->shutdown();
+    comm.reset();
+    if (flags) cudaFreeHost(flags);
+  }
+
+  c10::cuda::CUDAStream p2pStream(int peer) {
+    auto it = p2pStreams.find(peer);
+    if (it == p2pStreams.end())
+      it = p2pStreams.emplace(peer, c10::cuda::getStreamFromPool(true, device.index())).first;
+    return it->second;
+  }
+};
+#else
+struct ProcessGroupTCPX::CudaState {
+  std::unique_ptr<Communicator> comm;  // never created without CUDA
+};
+#endif
+
+Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* op) {
+  if (device.is_cpu()) return *comm_;
+#ifdef TCPX_WITH_CUDA
+  if (cuda_) {
+    TORCH_CHECK_VALUE(cuda_->device == device, "tcpx ", op, ": tensors are on ", device.str(),
+                      " but this process group's CUDA ops use ", cuda_->device.str(),
+                      "; one process uses one GPU per group (call torch.cuda.set_device)");
+    return *cuda_->comm;
+  }
+  // First CUDA op: the CUDA communicator bootstraps through its own keys of
+  // the group's store, like NCCL's lazy communicator. Every rank of the
+  // group must issue CUDA ops for it to be created.
+  c10::cuda::CUDAGuard guard(device);
+  auto state = std::make_unique<CudaState>(device);
+  int least = 0, greatest = 0;
+  cudaDeviceGetStreamPriorityRange(&least, &greatest);
+  CommOptions o = commOptions_;
+  o.name += "/cuda";
+  o.store = std::make_shared<C10dStore>(c10::make_intrusive<c10d::PrefixStore>("cuda", store_));
+  check(createCudaStage(device.index(), greatest, &o.stage));
+  check(preloadScaleKernels());  // before any stream waits on this group (reduce_cuda.h)
+  cudaError_t e = cudaHostAlloc(reinterpret_cast<void**>(&state->flags),
+                                CudaState::kFlags * sizeof(uint32_t),
+                                cudaHostAllocMapped | cudaHostAllocPortable);
+  if (e != cudaSuccess)
+    throwStatus(tcpxUnhandledCudaError,
+                c10::str("allocating completion flags failed: ", cudaGetErrorString(e)));
+  memset(state->flags, 0, CudaState::kFlags * sizeof(uint32_t));
+  check(Communicator::create(o, &state->comm));
+  cuda_ = std::move(state);
+  return *cuda_->comm;
+#else
+  TORCH_CHECK_VALUE(false, "tcpx ", op, ": tensors on ", device.str(),
+                    " need a CUDA build of torch_tcpx");
+#endif
+}
+
+void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector<at::Tensor>& keep,
+                                   int peer) {
+#ifdef TCPX_WITH_CUDA
+  CudaState& cs = *cuda_;
+  c10::cuda::CUDAGuard guard(cs.device);
+  const auto current = c10::cuda::getCurrentCUDAStream(cs.device.index());
+  // The op may touch its tensors once the caller's stream reaches this point.
+  auto ready = std::make_shared<DeviceEvent>(cs.device.index());
+  ready->record(current);
+  if (!work.deviceBefore.empty()) {
+    // Sends: device -> pinned on the staging stream, which never waits for
+    // the network (so an earlier receive cannot hold a send back).
+    ready->block(cs.stagingStream);
+    c10::cuda::CUDAStreamGuard sg(cs.stagingStream);
+    for (auto& [dst, src] : work.deviceBefore) {
+      dst.copy_(src, /*non_blocking=*/true);
+      c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), cs.stagingStream);
+    }
+    auto staged = std::make_shared<DeviceEvent>(cs.device.index());
+    staged->record(cs.stagingStream);
+    task.gate = [staged] { return staged->query(); };
+  } else {
+    task.gate = [ready] { return ready->query(); };
+  }
+  // Completion: a kernel on the completion stream waits for the host's flag,
+  // then the copies back into the user's tensors, then the event wait() uses.
+  c10::cuda::CUDAStream done =
+      task.type == Task::Type::kCollective ? cs.collStream : cs.p2pStream(peer);
+  ready->block(done);
+  const c10::DeviceIndex dev = cs.device.index();
+  auto record = [&](const at::Tensor& t) {
+    if (t.is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), done);
+  };
+  work.completionStream = done.unwrap();
+  work.useDeviceFuture(cs.device);
+  if (cudaWaitHost_) {
+    // TCPX_CUDA_WAIT=host: no kernel waits for the host; the worker queues
+    // the copies back and the completion event once the op is done, and
+    // wait() blocks the host until then (like TORCH_NCCL_BLOCKING_WAIT).
+    auto end = std::make_shared<DeviceEvent>(dev);
+    work.hostWait = true;
+    work.streamWaits.push_back([end, dev] { end->block(c10::cuda::getCurrentCUDAStream(dev)); });
+    for (const at::Tensor& t : keep) record(t);
+    auto inner = std::move(task.onComplete);
+    auto after = work.deviceAfter;
+    task.onComplete = [inner, after, done, end, dev](const TaskResult& r) {
+      {
+        c10::cuda::CUDAGuard g(dev);
+        c10::cuda::CUDAStreamGuard sg(done);
+        if (r.ok())
+          for (auto [dst, src] : after) dst.copy_(src, /*non_blocking=*/true);
+        end->record(done);
+      }
+      if (inner) inner(r);
+    };
+    return;
+  }
+  uint32_t gen = ++cs.gen;
+  uint32_t* flag = &cs.flags[gen % CudaState::kFlags];
+  check(streamWaitFlag(flag, gen, done.stream()));
+  {
+    c10::cuda::CUDAStreamGuard sg(done);
+    for (auto& [dst, src] : work.deviceAfter) dst.copy_(src, /*non_blocking=*/true);
+  }
+  auto end = std::make_shared<DeviceEvent>(cs.device.index());
+  end->record(done);
+  // The caching allocator must not hand these tensors' memory to anyone
+  // before the completion stream has passed the op (they may be dropped
+  // right after the call).
+  for (const at::Tensor& t : keep) record(t);
+  for (auto& [dst, src] : work.deviceAfter) record(dst);
+  work.streamWaits.push_back([end, dev] { end->block(c10::cuda::getCurrentCUDAStream(dev)); });
+  // The host side: the flag is set however the task ends, so the stream
+  // never waits forever (a failed op's error is in the Work).
+  auto inner = std::move(task.onComplete);
+  TCPX_TRACE(kLogC10d, "CUDA op %u issued: %s", gen, work.description().c_str());
+  task.onComplete = [inner, flag, gen](const TaskResult& r) {
+    if (inner) inner(r);
+    __atomic_store_n(flag, gen, __ATOMIC_RELEASE);
+    TCPX_TRACE(kLogC10d, "CUDA op %u completed on the host (%s); completion flag set", gen,
+               r.ok() ? "ok" : r.message.c_str());
+  };
+#else
+  (void)task, (void)work, (void)keep, (void)peer;
+#endif
 }
 
 c10::intrusive_ptr<c10d::Backend::Options> ProcessGroupTCPX::getBackendOptions() {
@@ -489,26 +766,35 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> t
   if (collect)
     for (const at::Tensor& t : keep)
       if (t.numel()) ranges.push_back(byteRange(t));
-  for (auto& b : batches_) b->add(work->result());
+  bool isCuda = false;
+  for (const at::Tensor& t : keep) isCuda |= t.is_cuda();
+  Communicator& comm = isCuda ? *cuda_->comm : *comm_;
   // The task holds the work and the buffers the net reads or writes until the
   // communicator lets go of it (which, after a failure, can be after the work
   // completed); the work holds nothing of the task.
-  task->onComplete = [work, keep = std::move(keep), batches = batches_](const TaskResult& r) {
+  task->onComplete = [work, keep, batches = batches_](const TaskResult& r) {
     work->complete(r);
     for (auto& b : batches) b->done(r);
   };
+  if (isCuda) {
+    int peer = task->type == Task::Type::kCollective ? -1 : static_cast<P2PTask&>(*task).peer;
+    prepareCuda(*task, *work, keep, peer);
+  }
+  for (auto& b : batches_) b->add(*work);
   if (collect) {
     // The parts of a composite all prepare before any message moves, so an
-    // op that touches memory of a collected one starts a new composite.
-    bool clash = false;
+    // op that touches memory of a collected one starts a new composite; so
+    // does one on the other communicator (CPU vs CUDA tensors).
+    bool clash = pendingComm_ && pendingComm_ != &comm;
     for (auto& a : ranges)
       for (auto& b : pendingRanges_) clash |= overlap(a, b);
     if (clash) flushCoalesced();
     pending_.push_back(std::static_pointer_cast<CollectiveTask>(task));
     pendingRanges_.insert(pendingRanges_.end(), ranges.begin(), ranges.end());
+    pendingComm_ = &comm;
     return work;
   }
-  comm_->enqueue(std::move(task));
+  comm.enqueue(std::move(task));
   return work;
 }
 
@@ -517,6 +803,8 @@ void ProcessGroupTCPX::flushCoalesced() {
   std::vector<std::shared_ptr<CollectiveTask>> parts;
   parts.swap(pending_);
   pendingRanges_.clear();
+  Communicator* comm = pendingComm_;
+  pendingComm_ = nullptr;
   std::shared_ptr<CollectiveTask> task;
   check(makeCoalesced(parts, &task));
   if (parts.size() > 1) {
@@ -524,8 +812,13 @@ void ProcessGroupTCPX::flushCoalesced() {
     task->onComplete = [parts](const TaskResult& r) {
       for (auto& p : parts) p->onComplete(r);
     };
+    task->gate = [parts] {
+      for (auto& p : parts)
+        if (p->gate && !p->gate()) return false;
+      return true;
+    };
   }
-  comm_->enqueue(std::move(task));
+  comm->enqueue(std::move(task));
 }
 
 void ProcessGroupTCPX::startCoalescing() {
@@ -541,6 +834,7 @@ void ProcessGroupTCPX::abandonCoalescing() {
   std::vector<std::shared_ptr<CollectiveTask>> parts;
   parts.swap(pending_);
   pendingRanges_.clear();
+  pendingComm_ = nullptr;
   std::vector<std::shared_ptr<Batch>> batches;
   batches.swap(batches_);
   TaskResult cancelled{tcpxInvalidArgument,
@@ -562,7 +856,14 @@ void ProcessGroupTCPX::enqueueFailed(const char* op) {
                    c10::str(op, " raised an error for its arguments on rank ", rank_), &task));
   task->timeout = timeout_;
   task->onComplete = [](const TaskResult&) {};
-  comm_->enqueue(std::move(task));
+  Communicator* comm = comm_.get();
+  if (opDevice && opDevice->is_cuda()) {
+    try {
+      comm = &commFor(*opDevice, op);
+    } catch (...) {  // another device than the group's: the peers cannot have run it either
+    }
+  }
+  comm->enqueue(std::move(task));
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::endCoalescing() {
@@ -610,10 +911,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce(std::vector<at::Tenso
   DataType dtype = reduceType(tensors[0], "all_reduce");
   double factor = 1.0;
   RedOp op = mapRedOp(opts.reduceOp, &factor);
-  Staging st;
+  Staging st("all_reduce");
   at::Tensor buf = st.inout(tensors[0]);
   std::shared_ptr<CollectiveTask> task;
-  check(makeAllreduce(*comm_, collConfig_, buf.data_ptr(), static_cast<size_t>(buf.numel()),
+  check(makeAllreduce(commFor(st.device(), "all_reduce"), collConfig_, buf.data_ptr(), static_cast<size_t>(buf.numel()),
                       dtype, op, factor, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::ALLREDUCE, "tcpx:all_reduce",
                                             tensors, task->description,
@@ -633,10 +934,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::broadcast(std::vector<at::Tenso
   DataType dtype;
   size_t count;
   moveShape(tensors[0], &dtype, &count);
-  Staging st;
+  Staging st("broadcast");
   at::Tensor buf = st.inout(tensors[0]);
   std::shared_ptr<CollectiveTask> task;
-  check(makeBroadcast(*comm_, collConfig_, buf.data_ptr(), count, dtype,
+  check(makeBroadcast(commFor(st.device(), "broadcast"), collConfig_, buf.data_ptr(), count, dtype,
                       static_cast<int>(opts.rootRank), &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::BROADCAST, "tcpx:broadcast",
                                             tensors, task->description,
@@ -660,12 +961,12 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather(
   DataType dtype;
   size_t count;
   moveShape(in, &dtype, &count);
-  Staging st;
+  Staging st("all_gather");
   at::Tensor inBuf = st.in(in);
   std::vector<at::Tensor> outBufs;
   for (const at::Tensor& o : outs) outBufs.push_back(st.out(o));
   std::shared_ptr<CollectiveTask> task;
-  check(makeAllgather(*comm_, inBuf.data_ptr(), dataPtrs(outBufs), count, dtype, &task));
+  check(makeAllgather(commFor(st.device(), "all_gather"), inBuf.data_ptr(), dataPtrs(outBufs), count, dtype, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::ALLGATHER, "tcpx:all_gather",
                                             outs, task->description,
                                             std::optional<std::vector<at::Tensor>>(inputs));
@@ -687,7 +988,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
   DataType dtype;
   size_t count;
   moveShape(input, &dtype, &count);
-  Staging st;
+  Staging st("all_gather_into_tensor");
   at::Tensor inBuf = st.in(input);
   // In place (the input is this rank's block of the output) is allowed.
   at::Tensor outBuf = st.out(output);
@@ -696,7 +997,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_allgather_base(
   for (int i = 0; i < size_; i++)
     ptrs.push_back(static_cast<char*>(outBuf.data_ptr()) + static_cast<size_t>(i) * segBytes);
   std::shared_ptr<CollectiveTask> task;
-  check(makeAllgather(*comm_, inBuf.data_ptr(), ptrs, count, dtype, &task));
+  check(makeAllgather(commFor(st.device(), "all_gather_into_tensor"), inBuf.data_ptr(), ptrs, count, dtype, &task));
   auto work = c10::make_intrusive<WorkTCPX>(
       rank_, c10d::OpType::_ALLGATHER_BASE, "tcpx:all_gather_into_tensor",
       std::vector<at::Tensor>{output}, task->description,
@@ -775,10 +1076,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce(std::vector<at::Tensor>&
   DataType dtype = reduceType(t, "reduce");
   double factor = 1.0;
   RedOp op = mapRedOp(opts.reduceOp, &factor, "reduce");
-  Staging st;
+  Staging st("reduce");
   at::Tensor buf = rank_ == opts.rootRank ? st.inout(t) : st.in(t);
   std::shared_ptr<CollectiveTask> task;
-  check(makeReduce(*comm_, collConfig_, buf.data_ptr(), static_cast<size_t>(buf.numel()), dtype,
+  check(makeReduce(commFor(st.device(), "reduce"), collConfig_, buf.data_ptr(), static_cast<size_t>(buf.numel()), dtype,
                    op, factor, static_cast<int>(opts.rootRank), &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::REDUCE, "tcpx:reduce", tensors,
                                             task->description,
@@ -801,7 +1102,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter(
   DataType dtype = reduceType(out, "reduce_scatter");
   double factor = 1.0;
   RedOp op = mapRedOp(opts.reduceOp, &factor, "reduce_scatter");
-  Staging st;
+  Staging st("reduce_scatter");
   std::vector<at::Tensor> ins;
   for (const at::Tensor& i : inputs[0]) ins.push_back(st.in(i));
   // The output may be this rank's own input block, nothing else of the input.
@@ -810,7 +1111,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter(
     if (i != rank_ || !ins[i].is_same(out)) avoid.push_back(ins[i]);
   at::Tensor o = st.out(out, avoid);
   std::shared_ptr<CollectiveTask> task;
-  check(makeReduceScatter(*comm_, dataPtrs<const void*>(ins), o.data_ptr(), static_cast<size_t>(o.numel()),
+  check(makeReduceScatter(commFor(st.device(), "reduce_scatter"), dataPtrs<const void*>(ins), o.data_ptr(), static_cast<size_t>(o.numel()),
                           dtype, op, factor, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::REDUCE_SCATTER,
                                             "tcpx:reduce_scatter", outputs, task->description,
@@ -833,7 +1134,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_reduce_scatter_base(
   DataType dtype = reduceType(output, "reduce_scatter_tensor");
   double factor = 1.0;
   RedOp op = mapRedOp(opts.reduceOp, &factor, "reduce_scatter_tensor");
-  Staging st;
+  Staging st("reduce_scatter_tensor");
   at::Tensor in = st.in(input);
   const size_t count = static_cast<size_t>(output.numel());
   const size_t segBytes = count * input.element_size();
@@ -844,7 +1145,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::_reduce_scatter_base(
   bool ownBlock = output.is_contiguous() && output.data_ptr() == blocks[rank_];
   at::Tensor o = ownBlock ? output : st.out(output, {in});
   std::shared_ptr<CollectiveTask> task;
-  check(makeReduceScatter(*comm_, blocks, o.data_ptr(), count, dtype, op, factor, &task));
+  check(makeReduceScatter(commFor(st.device(), "reduce_scatter_tensor"), blocks, o.data_ptr(), count, dtype, op, factor, &task));
   auto work = c10::make_intrusive<WorkTCPX>(
       rank_, c10d::OpType::_REDUCE_SCATTER_BASE, "tcpx:reduce_scatter_tensor",
       std::vector<at::Tensor>{output}, task->description,
@@ -906,7 +1207,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall_base(
   std::vector<size_t> recvRows = splitCounts(output, outputSplitSizes, size_, "output");
   DataType dtype;
   const size_t rowUnits = static_cast<size_t>(std::max(inRow, outRow)) * moveUnits(input, &dtype);
-  Staging st;
+  Staging st("all_to_all_single");
   at::Tensor in = st.in(input);
   at::Tensor o = st.out(output, {in});
   const size_t unitBytes = dataTypeSize(dtype);
@@ -923,7 +1224,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall_base(
     rOff += recvCounts.back();
   }
   std::shared_ptr<CollectiveTask> task;
-  check(makeAlltoall(*comm_, sends, sendCounts, recvs, recvCounts, dtype, &task));
+  check(makeAlltoall(commFor(st.device(), "all_to_all_single"), sends, sendCounts, recvs, recvCounts, dtype, &task));
   auto work = c10::make_intrusive<WorkTCPX>(
       rank_, c10d::OpType::ALLTOALL_BASE, "tcpx:all_to_all_single",
       std::vector<at::Tensor>{output}, task->description,
@@ -952,7 +1253,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall(std::vector<at::Tensor
   TORCH_CHECK_VALUE(inputs[rank_].numel() == outputs[rank_].numel(), "tcpx all_to_all: input ",
                     rank_, " (to this rank itself) has ", inputs[rank_].numel(),
                     " elements but output ", rank_, " has ", outputs[rank_].numel());
-  Staging st;
+  Staging st("all_to_all");
   std::vector<at::Tensor> ins, outs;
   for (const at::Tensor& i : inputs) ins.push_back(st.in(i));
   for (const at::Tensor& o : outputs) outs.push_back(st.out(o, ins));
@@ -966,7 +1267,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::alltoall(std::vector<at::Tensor
     recvCounts.push_back(count);
   }
   std::shared_ptr<CollectiveTask> task;
-  check(makeAlltoall(*comm_, dataPtrs<const void*>(ins), sendCounts, dataPtrs(outs), recvCounts, dtype, &task));
+  check(makeAlltoall(commFor(st.device(), "all_to_all"), dataPtrs<const void*>(ins), sendCounts, dataPtrs(outs), recvCounts, dtype, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::ALLTOALL, "tcpx:all_to_all",
                                             outputs, task->description,
                                             std::optional<std::vector<at::Tensor>>(inputs));
@@ -983,7 +1284,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::gather(
                     opts.rootRank, " is invalid: expected 0 <= root < ", size_);
   const bool isRoot = rank_ == opts.rootRank;
   const at::Tensor& input = inputs[0];
-  Staging st;
+  Staging st("gather");
   std::vector<at::Tensor> outs;
   if (isRoot) {
     TORCH_CHECK_VALUE(outputs.size() == 1 && outputs[0].size() == static_cast<size_t>(size_),
@@ -1001,7 +1302,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::gather(
   size_t count;
   moveShape(in, &dtype, &count);
   std::shared_ptr<CollectiveTask> task;
-  check(makeGather(*comm_, in.data_ptr(), dataPtrs(outs), count, dtype,
+  check(makeGather(commFor(st.device(), "gather"), in.data_ptr(), dataPtrs(outs), count, dtype,
                    static_cast<int>(opts.rootRank), &task));
   auto work = c10::make_intrusive<WorkTCPX>(
       rank_, c10d::OpType::GATHER, "tcpx:gather",
@@ -1020,7 +1321,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::scatter(
                     opts.rootRank, " is invalid: expected 0 <= root < ", size_);
   const bool isRoot = rank_ == opts.rootRank;
   const at::Tensor& output = outputs[0];
-  Staging st;
+  Staging st("scatter");
   std::vector<at::Tensor> ins;
   if (isRoot) {
     TORCH_CHECK_VALUE(inputs.size() == 1 && inputs[0].size() == static_cast<size_t>(size_),
@@ -1037,7 +1338,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::scatter(
   size_t count;
   moveShape(o, &dtype, &count);
   std::shared_ptr<CollectiveTask> task;
-  check(makeScatter(*comm_, dataPtrs<const void*>(ins), o.data_ptr(), count, dtype,
+  check(makeScatter(commFor(st.device(), "scatter"), dataPtrs<const void*>(ins), o.data_ptr(), count, dtype,
                     static_cast<int>(opts.rootRank), &task));
   auto work = c10::make_intrusive<WorkTCPX>(
       rank_, c10d::OpType::SCATTER, "tcpx:scatter", outputs, task->description,
@@ -1061,17 +1362,25 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::send(std::vector<at::Tensor>& t
   OpGuard guard(this, "send", false);
   checkSingle(tensors, "send");
   checkPeer(dstRank, "send", "destination");
-  Staging st;
+  Staging st("send");
   at::Tensor buf = st.in(tensors[0]);
   DataType dtype;
   size_t count;
   moveShape(buf, &dtype, &count);
+  Communicator& comm = commFor(st.device(), "send");
+  // CUDA: the message goes out of a pinned copy made on the device.
+  at::Tensor wire = pinnedLike(buf);
   std::shared_ptr<P2PTask> task;
-  check(makeSend(*comm_, buf.data_ptr(), count, dtype, dstRank, tag, &task));
+  check(makeSend(comm, wire.data_ptr(), count, dtype, dstRank, tag, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::SEND, "tcpx:send", tensors,
                                             task->description,
                                             std::optional<std::vector<at::Tensor>>(tensors));
-  return enqueue(task, work, timeout_, st.buffers());
+  std::vector<at::Tensor> keep = st.buffers();
+  if (!wire.is_same(buf)) {
+    work->deviceBefore.emplace_back(wire, buf);
+    keep.push_back(wire);
+  }
+  return enqueue(task, work, timeout_, std::move(keep));
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& tensors,
@@ -1079,18 +1388,19 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recv(std::vector<at::Tensor>& t
   OpGuard guard(this, "recv", false);
   checkSingle(tensors, "recv");
   checkPeer(srcRank, "recv", "source");
-  Staging st;
+  Staging st("recv");
   at::Tensor buf = st.out(tensors[0]);
   DataType dtype;
   size_t count;
   moveShape(buf, &dtype, &count);
+  Communicator& comm = commFor(st.device(), "recv");
+  at::Tensor wire = pinnedLike(buf);  // CUDA: lands in pinned memory, then on the device
   std::shared_ptr<P2PTask> task;
-  check(makeRecv(*comm_, buf.data_ptr(), count, dtype, srcRank, tag, &task));
+  check(makeRecv(comm, wire.data_ptr(), count, dtype, srcRank, tag, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::RECV, "tcpx:recv", tensors,
                                             task->description, std::nullopt);
   work->srcRank = srcRank;
-  st.attach(*work);
-  return enqueue(task, work, timeout_, st.buffers());
+  return enqueueRecv(task, work, st, buf, wire);
 }
 
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recvAnysource(std::vector<at::Tensor>& tensors,
@@ -1098,17 +1408,31 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::recvAnysource(std::vector<at::T
   OpGuard guard(this, "recv", false);
   checkSingle(tensors, "recv");
   at::Tensor& t = tensors[0];
-  Staging st;
+  Staging st("recv");
   at::Tensor buf = st.out(t);
   DataType dtype;
   size_t count;
   moveShape(buf, &dtype, &count);
+  Communicator& comm = commFor(st.device(), "recv");
+  at::Tensor wire = pinnedLike(buf);
   std::shared_ptr<P2PTask> task;
-  check(makeRecvAnySource(*comm_, buf.data_ptr(), count, dtype, tag, &task));
+  check(makeRecvAnySource(comm, wire.data_ptr(), count, dtype, tag, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::RECVANYSOURCE, "tcpx:recv",
                                             tensors, task->description, std::nullopt);
+  return enqueueRecv(task, work, st, buf, wire);
+}
+
+c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueueRecv(std::shared_ptr<P2PTask> task,
+                                                             c10::intrusive_ptr<WorkTCPX> work,
+                                                             const Staging& st, const at::Tensor& buf,
+                                                             const at::Tensor& wire) {
+  std::vector<at::Tensor> keep = st.buffers();
+  if (!wire.is_same(buf)) {
+    work->deviceAfter.emplace_back(buf, wire);  // before the staging copy-back below
+    keep.push_back(wire);
+  }
   st.attach(*work);
-  return enqueue(task, work, timeout_, st.buffers());
+  return enqueue(task, work, timeout_, std::move(keep));
 }
 
 c10::intrusive_ptr<c10d::Backend> ProcessGroupTCPX::split(
@@ -1149,13 +1473,25 @@ void ProcessGroupTCPX::checkPeer(int peer, const char* op, const char* role) con
                     size_, " and rank != ", rank_);
 }
 
-uint64_t ProcessGroupTCPX::getSequenceNumberForGroup() { return comm_->collectivesIssued(); }
+uint64_t ProcessGroupTCPX::getSequenceNumberForGroup() {
+  uint64_t n = comm_->collectivesIssued();
+#ifdef TCPX_WITH_CUDA
+  if (cuda_) n += cuda_->comm->collectivesIssued();
+#endif
+  return n;
+}
 
 void ProcessGroupTCPX::abort() {
+#ifdef TCPX_WITH_CUDA
+  if (cuda_) cuda_->comm->abort("ProcessGroupTCPX::abort() was called");
+#endif
   if (comm_) comm_->abort("ProcessGroupTCPX::abort() was called");
 }
 
 void ProcessGroupTCPX::shutdown() {
+#ifdef TCPX_WITH_CUDA
+  if (cuda_) cuda_->comm->shutdown();
+#endif
   if (comm_) comm_->shutdown();
 }
 

@@ -7,9 +7,18 @@
 // communicator's worker thread; the returned WorkTCPX completes its Future
 // with the output tensors, or stores the error, which wait() rethrows.
 //
+// CUDA tensors (CUDA builds) run on a second Communicator, created at the
+// group's first CUDA op, whose collectives work on device buffers through a
+// DeviceStage (transport/stage.h). Stream semantics are ProcessGroupNCCL's:
+// an op starts once the caller's current stream has reached it (an event the
+// worker polls), its device work runs on the stage's comm stream, and the
+// Work's completion is an event on a completion stream, behind a kernel that
+// waits for the host to say the op is done (streamWaitFlag). wait() makes the
+// caller's current stream wait for that event without blocking the host.
+//
 // The contract followed is c10d's Backend/Work (torch/csrc/distributed/c10d/
 // Backend.hpp, Work.hpp; ../shared/reference/c10d-backend.md), modelled on
-// ProcessGroupGloo for CPU tensors.
+// ProcessGroupGloo for CPU tensors and ProcessGroupNCCL for CUDA tensors.
 #pragma once
 
 #include <atomic>
@@ -23,11 +32,14 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
+#include <c10/core/Stream.h>
 
 #include "collectives/collectives.h"
 #include "transport/communicator.h"
 
 namespace tcpx {
+
+class Staging;  // ProcessGroupTCPX.cpp: contiguous stand-ins for the user's tensors
 
 // A Work whose outcome is set once, on the communicator's worker thread.
 class WorkTCPX : public c10d::Work {
@@ -41,6 +53,22 @@ class WorkTCPX : public c10d::Work {
   // For recv: the rank the message came from.
   int srcRank = -1;
 
+  // ---- CUDA ops (set at issue, before the op is enqueued) ----
+  // Copies on the device around the op: into pinned buffers before it
+  // (point-to-point sends) and back into the user's tensors after it
+  // (non-contiguous outputs, receives), as (destination, source).
+  std::vector<std::pair<at::Tensor, at::Tensor>> deviceBefore, deviceAfter;
+  // Make the current stream wait for the op's completion event(s).
+  std::vector<std::function<void()>> streamWaits;
+  // The stream on which the completion event is recorded: the Future
+  // records its own events there when it completes.
+  std::optional<c10::Stream> completionStream;
+  // TCPX_CUDA_WAIT=host: wait() blocks the host until the op is done.
+  bool hostWait = false;
+  // Replaces the Future with one that knows `device` (CUDA stream semantics
+  // for then() callbacks and value()).
+  void useDeviceFuture(c10::Device device);
+
   // Called by the worker with the task's outcome. Copies results back at
   // once; completing the Work and its Future (which runs the Future's
   // callbacks) happens there too, unless someone has asked for the Future:
@@ -49,13 +77,19 @@ class WorkTCPX : public c10d::Work {
   // the worker that has to run that op.
   void complete(const TaskResult& result);
 
+  // CPU ops: blocks until done, rethrows a failure. CUDA ops: makes the
+  // current stream wait for completion and returns at once (rethrowing a
+  // failure already known); with a timeout, also blocks the host until the
+  // op is done or the timeout passes (DistBackendError), like ProcessGroupNCCL.
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  void synchronize() override;
   std::vector<at::Tensor> result() override { return outputs_; }
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override {
     futureRequested_ = true;
     return future_;
   }
   int sourceRank() const override;
+  const std::string& description() const { return description_; }
 
  private:
   void completeNow(std::exception_ptr error);
@@ -154,6 +188,13 @@ class ProcessGroupTCPX : public c10d::Backend {
  private:
   struct Batch;
   class OpGuard;
+  struct CudaState;
+  // The communicator for an op on tensors of `device` (CPU, or CUDA: created
+  // at the first use; all CUDA ops of a group must use one device). Raises
+  // ValueError for another device.
+  Communicator& commFor(const c10::Device& device, const char* op);
+  // Sets up a CUDA op: gate, completion flag wait, copies, completion event.
+  void prepareCuda(Task& task, WorkTCPX& work, const std::vector<at::Tensor>& keep, int peer);
   // An op raised while coalescing: torch will not call endCoalescing, so
   // the block ends here; collected collectives are cancelled (never sent)
   // and the batch Works fail. Point-to-point ops already issued go on.
@@ -174,11 +215,21 @@ class ProcessGroupTCPX : public c10d::Backend {
                                          c10::intrusive_ptr<WorkTCPX> work,
                                          std::chrono::milliseconds timeout,
                                          std::vector<at::Tensor> keep);
+  // A receive's enqueue: for CUDA, the message lands in pinned `wire` and is
+  // copied into `buf` on the device after the op.
+  c10::intrusive_ptr<c10d::Work> enqueueRecv(std::shared_ptr<P2PTask> task,
+                                             c10::intrusive_ptr<WorkTCPX> work,
+                                             const Staging& st, const at::Tensor& buf,
+                                             const at::Tensor& wire);
   std::chrono::milliseconds opTimeout(std::chrono::milliseconds requested) const;
   // ValueError unless `peer` is another rank of the group.
   void checkPeer(int peer, const char* op, const char* role) const;
 
   std::unique_ptr<Communicator> comm_;
+  std::unique_ptr<CudaState> cuda_;  // after the first CUDA op
+  c10::intrusive_ptr<c10d::Store> store_;
+  CommOptions commOptions_;          // the CPU communicator's, the base of the CUDA one's
+  bool cudaWaitHost_ = false;        // TCPX_CUDA_WAIT=host
   CollConfig collConfig_;
   std::chrono::milliseconds timeout_;
   std::string groupName_;
@@ -188,6 +239,7 @@ class ProcessGroupTCPX : public c10d::Backend {
   bool coalescing_ = false;
   std::vector<std::shared_ptr<Batch>> batches_;           // open batches, outermost first
   std::vector<std::shared_ptr<CollectiveTask>> pending_;  // collectives not started yet
+  Communicator* pendingComm_ = nullptr;                   // the communicator they run on
   std::vector<std::pair<uintptr_t, uintptr_t>> pendingRanges_;  // memory they touch
   c10::intrusive_ptr<WorkTCPX> abandoned_;  // the Work of a block that abandonCoalescing ended
 };

@@ -6,6 +6,9 @@
 
 #include "collectives/algorithms.h"
 #include "collectives/reduce.h"
+#ifdef TCPX_WITH_CUDA
+#include "collectives/reduce_cuda.h"
+#endif
 #include "common/utils.h"
 #include "transport/message.h"
 
@@ -100,21 +103,65 @@ class ScratchCache {
 // Scratch memory a task allocates when it starts (not while it is queued)
 // and keeps until it is destroyed: in-flight sends of a failed task may
 // still read it, and the task outlives them (communicator's draining list).
-// The memory then goes back to the ScratchCache.
+// Host memory then goes back to the ScratchCache; device memory (a device
+// schedule's) back to the stage's stream-ordered pool.
 class Scratch {
  public:
+  explicit Scratch(std::shared_ptr<DeviceStage> dev) : dev_(std::move(dev)) {}
   ~Scratch() {
     for (auto& b : bufs_) ScratchCache::get().give(std::move(b.first), b.second);
+    for (void* p : devBufs_) dev_->freeDevice(p);
   }
   // nullptr when out of memory (then the build fails with tcpxSystemError).
   char* alloc(size_t bytes) {
+    if (dev_) {
+      void* p = dev_->allocDevice(bytes);
+      if (p) devBufs_.push_back(p);
+      return static_cast<char*>(p);
+    }
     bufs_.push_back(ScratchCache::get().take(bytes));
     return bufs_.back().first.get();
   }
 
  private:
+  std::shared_ptr<DeviceStage> dev_;
   std::vector<std::pair<AlignedBuf, size_t>> bufs_;
+  std::vector<void*> devBufs_;
 };
+
+// The local steps of a collective, around its messages: on host memory, or
+// enqueued on the comm stream of `dev` for a device schedule (in stream
+// order before the staging copies of the steps that follow).
+tcpxResult_t localCopy(DeviceStage* dev, void* dst, const void* src, size_t bytes) {
+  if (!bytes || dst == src) return tcpxSuccess;
+  if (dev) return dev->copy(dst, src, bytes);
+  memmove(dst, src, bytes);
+  return tcpxSuccess;
+}
+
+tcpxResult_t localScale(DeviceStage* dev, void* buf, size_t count, DataType dtype, double factor) {
+  if (!dev) {
+    scaleInPlace(buf, count, dtype, factor);
+    return tcpxSuccess;
+  }
+#ifdef TCPX_WITH_CUDA
+  return scaleOnDevice(buf, count, dtype, roundedScaleFactor(factor, dtype), dev->stream());
+#else
+  TCPX_ERR(tcpxInvalidUsage, "device buffers need a CUDA build of torch_tcpx");
+#endif
+}
+
+tcpxResult_t localDivide(DeviceStage* dev, void* buf, size_t count, DataType dtype, int64_t n) {
+  if (!dev) {
+    divideInPlace(buf, count, dtype, n);
+    return tcpxSuccess;
+  }
+#ifdef TCPX_WITH_CUDA
+  return divideOnDevice(buf, count, dtype, n, dev->stream());
+#else
+  TCPX_ERR(tcpxInvalidUsage, "device buffers need a CUDA build of torch_tcpx");
+#endif
+}
 
 #define TCPX_ALLOC(var, scratch, bytes)                                                  \
   char* var = (scratch)->alloc(bytes);                                                   \
@@ -123,14 +170,14 @@ class Scratch {
 
 // PREMUL_SUM multiplies this rank's contribution before the sum; ops that
 // must leave their input unchanged scale a copy (returned; else `in`).
-tcpxResult_t premulInput(Scratch* scratch, const char* in, size_t count, DataType dtype,
-                         RedOp op, double factor, const char** out) {
+tcpxResult_t premulInput(DeviceStage* dev, Scratch* scratch, const char* in, size_t count,
+                         DataType dtype, RedOp op, double factor, const char** out) {
   *out = in;
   if (op != RedOp::kPremulSum || count == 0) return tcpxSuccess;
   const size_t bytes = count * dataTypeSize(dtype);
   TCPX_ALLOC(copy, scratch, bytes);
-  memcpy(copy, in, bytes);
-  scaleInPlace(copy, count, dtype, factor);
+  TCPX_CHECK(localCopy(dev, copy, in, bytes));
+  TCPX_CHECK(localScale(dev, copy, count, dtype, factor));
   *out = copy;
   return tcpxSuccess;
 }
@@ -143,12 +190,10 @@ void setHeader(Schedule* s, OpKind kind, uint8_t algo, DataType dtype, RedOp op,
   s->header.phash = phash;
 }
 
-std::function<tcpxResult_t()> avgFinish(RedOp op, void* buf, size_t count, DataType dtype, int n) {
+std::function<tcpxResult_t()> avgFinish(DeviceStage* dev, RedOp op, void* buf, size_t count,
+                                        DataType dtype, int n) {
   if (op != RedOp::kAvg) return nullptr;
-  return [=]() -> tcpxResult_t {
-    divideInPlace(buf, count, dtype, n);
-    return tcpxSuccess;
-  };
+  return [=]() -> tcpxResult_t { return localDivide(dev, buf, count, dtype, n); };
 }
 
 }  // namespace
@@ -177,12 +222,12 @@ tcpxResult_t makeAllreduce(const Communicator& comm, const CollConfig& cfg, void
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kAllreduce, algoId, dtype, op, paramHash(count));
     s->reduceFn = reduceThunk;
-    if (op == RedOp::kPremulSum) scaleInPlace(p, count, dtype, premulFactor);
+    if (op == RedOp::kPremulSum) TCPX_CHECK(localScale(s->stage, p, count, dtype, premulFactor));
     if (algoId == kAllreduceRing) buildRingAllreduce(s, p, count, esz);
     else buildRdAllreduce(s, p, count, esz);
     return tcpxSuccess;
   };
-  t->finish = avgFinish(op, p, count, dtype, n);
+  t->finish = avgFinish(comm.stage(), op, p, count, dtype, n);
   *out = t;
   return tcpxSuccess;
 }
@@ -201,7 +246,7 @@ tcpxResult_t makeReduce(const Communicator& comm, const CollConfig& cfg, void* b
   t->description = describe("reduce", dtype, count,
                             strFormat("%s, root %d", redOpName(op), root).c_str());
   char* p = static_cast<char*>(buf);
-  auto scratch = std::make_shared<Scratch>();
+  auto scratch = std::make_shared<Scratch>(comm.sharedStage());
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kReduce, algoId, dtype, op, paramHash(count, static_cast<uint64_t>(root)));
     s->reduceFn = reduceThunk;
@@ -210,9 +255,9 @@ tcpxResult_t makeReduce(const Communicator& comm, const CollConfig& cfg, void* b
     const char* in = p;
     char* acc = p;
     if (isRoot) {
-      if (op == RedOp::kPremulSum) scaleInPlace(p, count, dtype, premulFactor);
+      if (op == RedOp::kPremulSum) TCPX_CHECK(localScale(s->stage, p, count, dtype, premulFactor));
     } else {
-      TCPX_CHECK(premulInput(scratch.get(), p, count, dtype, op, premulFactor, &in));
+      TCPX_CHECK(premulInput(s->stage, scratch.get(), p, count, dtype, op, premulFactor, &in));
       TCPX_ALLOC(partial, scratch, bytes);
       acc = partial;
     }
@@ -220,7 +265,7 @@ tcpxResult_t makeReduce(const Communicator& comm, const CollConfig& cfg, void* b
     else buildChainReduce(s, in, acc, bytes, esz, root);
     return tcpxSuccess;
   };
-  if (isRoot) t->finish = avgFinish(op, p, count, dtype, comm.nranks());
+  if (isRoot) t->finish = avgFinish(comm.stage(), op, p, count, dtype, comm.nranks());
   *out = t;
   return tcpxSuccess;
 }
@@ -239,18 +284,16 @@ tcpxResult_t makeReduceScatter(const Communicator& comm, const std::vector<const
   auto t = std::make_shared<CollectiveTask>();
   t->description = describe("reduce_scatter", dtype, count, redOpName(op));
   char* o = static_cast<char*>(output);
-  auto scratch = std::make_shared<Scratch>();
+  auto scratch = std::make_shared<Scratch>(comm.sharedStage());
   std::vector<const char*> ins;
   for (const void* i : inputs) ins.push_back(static_cast<const char*>(i));
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kReduceScatter, kReduceScatterRing, dtype, op, paramHash(count));
     s->reduceFn = reduceThunk;
     std::vector<const char*> in(ins);
-    for (auto& i : in) TCPX_CHECK(premulInput(scratch.get(), i, count, dtype, op, premulFactor, &i));
-    if (n == 1) {
-      if (segBytes) memcpy(o, in[0], segBytes);
-      return tcpxSuccess;
-    }
+    for (auto& i : in)
+      TCPX_CHECK(premulInput(s->stage, scratch.get(), i, count, dtype, op, premulFactor, &i));
+    if (n == 1) return localCopy(s->stage, o, in[0], segBytes);
     // Partial sums of the blocks that pass through this rank go to scratch;
     // the block this rank keeps accumulates in the output.
     TCPX_ALLOC(partials, scratch, segBytes * static_cast<size_t>(n));
@@ -259,7 +302,7 @@ tcpxResult_t makeReduceScatter(const Communicator& comm, const std::vector<const
     buildRingReduceScatter(s, in, acc, segBytes, esz);
     return tcpxSuccess;
   };
-  t->finish = avgFinish(op, o, count, dtype, n);
+  t->finish = avgFinish(comm.stage(), op, o, count, dtype, n);
   *out = t;
   return tcpxSuccess;
 }
@@ -294,7 +337,7 @@ tcpxResult_t makeAlltoall(const Communicator& comm, const std::vector<const void
   t->description = describe("all_to_all", dtype, total);
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kAlltoall, kAlltoallPairwise, dtype, RedOp::kSum, paramHash(n));
-    if (sBytes[r]) memmove(rb[r], sb[r], sBytes[r]);
+    TCPX_CHECK(localCopy(s->stage, rb[r], sb[r], sBytes[r]));
     buildPairwiseAlltoall(s, sb, sBytes, rb, rBytes);
     return tcpxSuccess;
   };
@@ -319,7 +362,7 @@ tcpxResult_t makeGather(const Communicator& comm, const void* input,
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kGather, kGatherDirect, dtype, RedOp::kSum,
               paramHash(count, static_cast<uint64_t>(root)));
-    if (isRoot && bytes && outs[root] != in) memmove(outs[root], in, bytes);
+    if (isRoot) TCPX_CHECK(localCopy(s->stage, outs[root], in, bytes));
     buildDirectGather(s, in, outs, bytes, root);
     return tcpxSuccess;
   };
@@ -344,7 +387,7 @@ tcpxResult_t makeScatter(const Communicator& comm, const std::vector<const void*
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kScatter, kScatterDirect, dtype, RedOp::kSum,
               paramHash(count, static_cast<uint64_t>(root)));
-    if (isRoot && bytes && ins[root] != o) memmove(o, ins[root], bytes);
+    if (isRoot) TCPX_CHECK(localCopy(s->stage, o, ins[root], bytes));
     buildDirectScatter(s, ins, o, bytes, root);
     return tcpxSuccess;
   };
@@ -422,7 +465,7 @@ tcpxResult_t makeAllgather(const Communicator& comm, const void* input,
   const int r = comm.rank();
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kAllgather, kAllgatherRing, dtype, RedOp::kSum, paramHash(count));
-    if (bytes && segs[r] != in) memmove(segs[r], in, bytes);
+    TCPX_CHECK(localCopy(s->stage, segs[r], in, bytes));
     buildRingAllgather(s, segs, bytes);
     return tcpxSuccess;
   };
@@ -448,6 +491,7 @@ tcpxResult_t makeBarrier(const Communicator& comm, std::shared_ptr<CollectiveTas
   auto scratch = std::make_shared<std::vector<char>>(128, 0);
   t->build = [scratch](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kBarrier, kBarrierDissemination, DataType::kUInt8, RedOp::kSum, 0);
+    s->stage = nullptr;  // its buffers are host memory, on every communicator
     buildDisseminationBarrier(s, scratch->data(), scratch->data() + 64);
     return tcpxSuccess;
   };

@@ -489,6 +489,17 @@ void scaleInPlace(void* buf, size_t count, DataType dtype, double factor) {
             dataTypeName(dtype));
 }
 
+double roundedScaleFactor(double factor, DataType dtype) {
+  switch (dtype) {
+    case DataType::kFloat32: return static_cast<float>(factor);
+    case DataType::kFloat16:
+      return halfToFloatInline(floatToHalfInline(doubleToFloatRoundOdd(factor)));
+    case DataType::kBFloat16:
+      return bfloat16ToFloatInline(floatToBfloat16Inline(doubleToFloatRoundOdd(factor)));
+    default: return factor;
+  }
+}
+
 void divideInPlace(void* buf, size_t count, DataType dtype, int64_t divisor) {
   if (count == 0) return;
   if (divisor <= 0) {

@@ -25,6 +25,10 @@ void reduceInto(void* dst, const void* src, size_t count, DataType dtype,
 // rounded to the element type first, as NCCL does for its scalar argument).
 void scaleInPlace(void* buf, size_t count, DataType dtype, double factor);
 
+// The factor scaleInPlace multiplies by for `dtype` (rounded to the element
+// type), for device kernels that must compute the same.
+double roundedScaleFactor(double factor, DataType dtype);
+
 // buf[i] = buf[i] / divisor, for AVG. Floating types divide in the element's
 // precision (half types via float); integer types divide truncating toward
 // zero (NCCL's ncclAvg on integers). divisor > 0. Not defined for bool.

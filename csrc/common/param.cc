@@ -183,6 +183,12 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
   if (const char* v = get("TCPX_SPIN_US"))
     TCPX_CHECK(parseInt("TCPX_SPIN_US", v, 0, 1000000, &p.spinUs));
   if (const char* v = get("TCPX_GPU_NIC_MAP")) p.gpuNicMap = trim(v);
+  if (const char* v = get("TCPX_CUDA_WAIT")) {
+    std::string w = toLower(trim(v));
+    if (w == "host") p.cudaWaitHost = true;
+    else if (w != "stream")
+      TCPX_ERR(tcpxInvalidArgument, "TCPX_CUDA_WAIT='%s' is invalid: expected stream or host", v);
+  }
   *out = p;
   return tcpxSuccess;
 }
@@ -213,10 +219,12 @@ std::string describeParams(const Params& p) {
   return strFormat(
       "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d TCPX_NTHREADS=%d "
       "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu TCPX_BUFFERS=%d TCPX_SLICE_BYTES=%zu "
-      "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d",
+      "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
+      "TCPX_CUDA_WAIT=%s",
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,
       p.nthreads, p.nchannels, p.chunkBytes, p.buffers, p.sliceBytes, p.inlineBytes,
-      p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs);
+      p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs,
+      p.cudaWaitHost ? "host" : "stream");
 }
 
 }  // namespace tcpx

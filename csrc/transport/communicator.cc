@@ -146,11 +146,27 @@ struct Communicator::Impl {
   uint64_t arrivals = 0;
 
   // Collectives.
+  // A send in flight. Device schedules first copy the chunk into a pinned
+  // buffer (`pinned`, done when `ticket` is); req is null until the net has it.
+  struct InflightSend {
+    Schedule::StepId step;
+    void* req = nullptr;
+    void* pinned = nullptr;
+    uint64_t ticket = 0;
+  };
+  // A received chunk being unpacked on the device; its bounce buffer is
+  // busy until the ticket is done.
+  struct Unpacking {
+    Schedule::StepId step;
+    int slot;
+    uint64_t ticket;
+  };
   struct PeerSteps {
     int peer;
     std::vector<Schedule::StepId> sends, recvs;
     size_t sendNext = 0, recvNext = 0;
-    std::deque<std::pair<Schedule::StepId, void*>> inflight;
+    std::deque<InflightSend> inflight;
+    std::deque<Unpacking> unpacking;
   };
   struct ActiveColl {
     std::shared_ptr<CollectiveTask> task;
@@ -163,11 +179,17 @@ struct Communicator::Impl {
     std::vector<Schedule::StepId> succ;
     std::vector<PeerSteps> peerSteps;
     size_t remaining = 0;
+    bool finishing = false;     // device: finish() enqueued, waiting for finishTicket
+    uint64_t finishTicket = 0;
     ActiveColl(int r, int n, size_t c) : sched(r, n, c) {}
   };
   std::deque<std::shared_ptr<CollectiveTask>> collQueue;
   std::unique_ptr<ActiveColl> active;
   uint32_t curSeq = 0;  // seq of the running collective, or of the next one
+  // Set during a loop iteration when something waits on the device (a gate,
+  // a staging copy, an unpack): the worker then polls instead of sleeping.
+  bool pollDevice = false;
+  DeviceStage* stage() const { return opts.stage.get(); }
 
   // Sends of failed operations still in the net; the task reference keeps
   // their buffers alive until the net lets go.
@@ -175,6 +197,7 @@ struct Communicator::Impl {
     void* req;
     std::shared_ptr<Task> task;
     std::shared_ptr<std::string> payload;
+    void* pinned = nullptr;  // staging chunk to give back to the stage
   };
   std::vector<Draining> draining;
   // ABORT messages waiting for a connection.
@@ -316,7 +339,7 @@ struct Communicator::Impl {
                 pi.connIndex == kCollLink ? "collective" : "point-to-point", src);
       if (pi.connIndex == kCollLink) {
         for (int i = 0; i < opts.buffers; i++) {
-          peer.slots.push_back(allocAligned(chunkBytes));
+          peer.slots.push_back(allocBounce());
           if (!peer.slots.back()) {
             hardFail(tcpxSystemError, "out of memory for bounce buffers");
             return true;
@@ -329,6 +352,15 @@ struct Communicator::Impl {
     return progressed;
   }
 
+  // A bounce buffer: pinned (from the stage) on a device communicator, so
+  // that unpack kernels read it directly.
+  AlignedBuf allocBounce() {
+    if (!stage()) return allocAligned(chunkBytes);
+    // The stage owns pinned memory; the no-op deleter leaves it there
+    // (freeing pinned memory synchronises the device; the stage frees it last).
+    return AlignedBuf(static_cast<char*>(stage()->allocHost(chunkBytes)), [](char*) {});
+  }
+
   // Posts the next receive on p's collective connection. It lands straight
   // in the destination when the message it will match is known: the running
   // collective has already taken a checked message from p with the same
@@ -339,7 +371,7 @@ struct Communicator::Impl {
     Peer& peer = peers[p];
     Link& l = peer.links[kCollLink];
     Holder h;
-    if (active) {
+    if (active && !active->sched.stage) {
       const PeerSteps* ps = findSteps(p);
       size_t idx = ps ? ps->recvNext + peer.holders.size() : 0;
       if (ps && ps->recvNext > 0 && idx < ps->recvs.size()) {
@@ -378,12 +410,18 @@ struct Communicator::Impl {
     peer.holders.push_back(std::move(h));
   }
 
-  // Retires the front holder (its message consumed or dropped) and posts the next.
-  void popHead(int p) {
+  // Retires the front holder (its message consumed or dropped) and posts the
+  // next. keepSlot: its bounce buffer stays busy (an unpack reads it) until
+  // releaseSlot.
+  void popHead(int p, bool keepSlot = false) {
     Peer& peer = peers[p];
     Holder& h = peer.holders.front();
-    if (h.slot >= 0) peer.freeSlots.push_back(h.slot);
+    if (h.slot >= 0 && !keepSlot) peer.freeSlots.push_back(h.slot);
     peer.holders.pop_front();
+    postTail(p);
+  }
+  void releaseSlot(int p, int slot) {
+    peers[p].freeSlots.push_back(slot);
     postTail(p);
   }
 
@@ -449,12 +487,14 @@ struct Communicator::Impl {
     a.seq = curSeq;
     a.timeout = taskTimeout(*task);
     a.deadline = Clock::now() + a.timeout;
+    a.sched.stage = stage();
     tcpxResult_t r = task->build ? task->build(&a.sched) : tcpxSuccess;
     if (r != tcpxSuccess) {
       // Peers may wait for this rank's part of the operation (or have sent
       // it theirs): one ABORT each, carrying the reason, fails it there too,
       // and every rank's sequence number moves on in step.
       std::string msg = lastError();
+      if (a.sched.stage) a.sched.stage->synchronize();  // local device work of the build
       MsgHeader h;
       h.seq = a.seq;
       h.flags = kMsgAbort;
@@ -495,7 +535,7 @@ struct Communicator::Impl {
       auto it = index.find(st.peer);
       if (it == index.end()) {
         it = index.emplace(st.peer, a.peerSteps.size()).first;
-        a.peerSteps.push_back(PeerSteps{st.peer, {}, {}, 0, 0, {}});
+        a.peerSteps.push_back(PeerSteps{st.peer, {}, {}, 0, 0, {}, {}});
       }
       PeerSteps& ps = a.peerSteps[it->second];
       if (st.type == Schedule::StepType::kSend) ps.sends.push_back(s);
@@ -518,29 +558,57 @@ struct Communicator::Impl {
   bool progressCollective() {
     bool progressed = false;
     if (!active && !collQueue.empty()) {
+      if (collQueue.front()->gate && !collQueue.front()->gate()) {
+        pollDevice = true;
+        return progressed;
+      }
       startCollective();
       progressed = true;
     }
     if (!active || abortedLocal) return progressed;
     ActiveColl& a = *active;
+    if (a.finishing) return pollFinishing() || progressed;
+    DeviceStage* dev = a.sched.stage;
     const size_t maxInflight = static_cast<size_t>(opts.buffers);
     for (size_t pi = 0; pi < a.peerSteps.size(); pi++) {
       PeerSteps& ps = a.peerSteps[pi];
       int p = ps.peer;
+      // Staged chunks whose device copy is done go to the net, in order.
+      if (dev) {
+        for (InflightSend& f : ps.inflight) {
+          if (f.req) continue;
+          bool ready = false;
+          if (dev->query(f.ticket, &ready) != tcpxSuccess) {
+            failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
+            return true;
+          }
+          if (!ready) {
+            pollDevice = true;
+            break;
+          }
+          const Schedule::Step& st = a.sched.step(f.step);
+          TCPX_TRACE(kLogTransport, "%s: step %u staged, sending %zu bytes to rank %d", who().c_str(),
+                     f.step, st.bytes, p);
+          if (!postSend(p, f.step, f.pinned, st.bytes, &f.req)) return true;
+          if (!f.req) break;
+          progressed = true;
+        }
+      }
       // Sends the net has finished with.
-      while (!ps.inflight.empty()) {
+      while (!ps.inflight.empty() && ps.inflight.front().req) {
         int done = 0;
         size_t size;
         uint64_t tag;
-        tcpxResult_t r = net->test(ps.inflight.front().second, &done, &size, &tag);
+        tcpxResult_t r = net->test(ps.inflight.front().req, &done, &size, &tag);
         if (r != tcpxSuccess) {
-          ps.inflight.pop_front();
+          ps.inflight.front().req = nullptr;
           hardFail(tcpxRemoteError, strFormat("%s: sending to rank %d failed: %s", collName().c_str(), p,
                              lastError().c_str()));
           return true;
         }
         if (!done) break;
-        stepDone(ps.inflight.front().first);
+        if (ps.inflight.front().pinned) dev->freeHost(ps.inflight.front().pinned);
+        stepDone(ps.inflight.front().step);
         ps.inflight.pop_front();
         progressed = true;
       }
@@ -553,16 +621,26 @@ struct Communicator::Impl {
         if (c == 0) break;
         if (!pendingAborts.empty()) flushPendingAborts(p);
         const Schedule::Step& st = a.sched.step(s);
-        void* req = nullptr;
-        tcpxResult_t r = net->isend(peers[p].links[kCollLink].sendComm, st.buf, st.bytes,
-                                    a.sched.headerOf(s).pack(), nullptr, &req);
-        if (r != tcpxSuccess) {
-          hardFail(tcpxRemoteError, strFormat("%s: sending to rank %d failed: %s", collName().c_str(), p,
-                             lastError().c_str()));
-          return true;
+        InflightSend f{s};
+        if (dev) {
+          // Device -> pinned on the comm stream; the net gets it once the ticket is done.
+          f.pinned = dev->allocHost(chunkBytes);
+          if (!f.pinned) {
+            failActive(tcpxSystemError, strFormat("%s: out of pinned memory for staging", collName().c_str()));
+            return true;
+          }
+          if (dev->copy(f.pinned, st.buf, st.bytes) != tcpxSuccess ||
+              dev->record(&f.ticket) != tcpxSuccess) {
+            dev->freeHost(f.pinned);
+            failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
+            return true;
+          }
+          pollDevice = true;
+        } else {
+          if (!postSend(p, s, st.buf, st.bytes, &f.req)) return true;
+          if (!f.req) break;
         }
-        if (!req) break;
-        ps.inflight.emplace_back(s, req);
+        ps.inflight.push_back(f);
         ps.sendNext++;
         progressed = true;
       }
@@ -622,6 +700,23 @@ struct Communicator::Impl {
                                collName().c_str(), p, slot.step, s));
             return true;
           }
+        } else if (dev) {
+          // The unpack stage: copy or reduce into place on the comm stream;
+          // the step is done (and the bounce buffer free) once it has run.
+          Unpacking u{s, slot.slot, 0};
+          if (dev->unpack(st.buf, st.own, slot.buf, st.bytes,
+                          st.type == Schedule::StepType::kRecvReduce, want.dtype,
+                          want.redop) != tcpxSuccess ||
+              dev->record(&u.ticket) != tcpxSuccess) {
+            failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
+            return true;
+          }
+          ps.unpacking.push_back(u);
+          ps.recvNext++;
+          popHead(p, /*keepSlot=*/true);
+          pollDevice = true;
+          progressed = true;
+          continue;
         } else if (st.type == Schedule::StepType::kRecvCopy) {
           if (st.bytes) memcpy(st.buf, slot.buf, st.bytes);
         } else {
@@ -634,17 +729,80 @@ struct Communicator::Impl {
         stepDone(s);
         progressed = true;
       }
+      // Unpacks that have run.
+      while (!ps.unpacking.empty()) {
+        bool ready = false;
+        if (dev->query(ps.unpacking.front().ticket, &ready) != tcpxSuccess) {
+          failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
+          return true;
+        }
+        if (!ready) {
+          pollDevice = true;
+          break;
+        }
+        Unpacking u = ps.unpacking.front();
+        ps.unpacking.pop_front();
+        TCPX_TRACE(kLogTransport, "%s: step %u unpacked (from rank %d)", who().c_str(), u.step, p);
+        releaseSlot(p, u.slot);
+        stepDone(u.step);
+        progressed = true;
+      }
     }
     if (active && active->remaining == 0) finishActive();
     return progressed;
   }
 
+  // Posts a collective send of `bytes` at `buf` for step s; false if the
+  // communicator aborted (req stays null when the net is busy: try again).
+  bool postSend(int p, Schedule::StepId s, void* buf, size_t bytes, void** req) {
+    ActiveColl& a = *active;
+    tcpxResult_t r = net->isend(peers[p].links[kCollLink].sendComm, buf, bytes,
+                                a.sched.headerOf(s).pack(), nullptr, req);
+    if (r != tcpxSuccess) {
+      *req = nullptr;
+      hardFail(tcpxRemoteError, strFormat("%s: sending to rank %d failed: %s", collName().c_str(), p,
+                                          lastError().c_str()));
+      return false;
+    }
+    return true;
+  }
+
+  // Every step is done: run finish(); a device schedule completes only once
+  // the comm stream has run everything it enqueued (finish() may add work).
   void finishActive() {
-    auto task = active->task;
+    ActiveColl& a = *active;
+    tcpxResult_t r = a.task->finish ? a.task->finish() : tcpxSuccess;
+    if (r == tcpxSuccess && a.sched.stage) {
+      r = a.sched.stage->record(&a.finishTicket);
+      if (r == tcpxSuccess) {
+        a.finishing = true;
+        pollFinishing();
+        return;
+      }
+    }
+    auto task = a.task;
+    std::string msg = r == tcpxSuccess ? "" : lastError();
+    if (r != tcpxSuccess && a.sched.stage) a.sched.stage->synchronize();
     active.reset();
     curSeq++;
-    tcpxResult_t r = task->finish ? task->finish() : tcpxSuccess;
-    complete(task, r, r == tcpxSuccess ? "" : lastError());
+    complete(task, r, msg);
+  }
+
+  bool pollFinishing() {
+    ActiveColl& a = *active;
+    bool ready = false;
+    tcpxResult_t r = a.sched.stage->query(a.finishTicket, &ready);
+    if (r == tcpxSuccess && !ready) {
+      pollDevice = true;
+      return false;
+    }
+    auto task = a.task;
+    std::string msg = r == tcpxSuccess ? "" : lastError();
+    TCPX_TRACE(kLogColl, "%s: %s done on the device", who().c_str(), collName().c_str());
+    active.reset();
+    curSeq++;
+    complete(task, r, msg);
+    return true;
   }
 
   // The running collective failed on this rank. Every peer still expecting
@@ -663,10 +821,23 @@ struct Communicator::Impl {
     MsgHeader h = a.sched.header;
     h.flags = kMsgAbort;
     std::set<int> told;
+    // Device work in flight (staging copies, unpacks) must finish before the
+    // task's buffers and the bounce buffers it reads can be let go.
+    if (a.sched.stage) a.sched.stage->synchronize();
     for (auto& ps : a.peerSteps) {
-      for (auto& f : ps.inflight) draining.push_back({f.second, task, nullptr});
+      size_t unposted = 0;
+      for (auto& f : ps.inflight) {
+        if (f.req) {
+          draining.push_back({f.req, task, nullptr, f.pinned});
+        } else {
+          unposted++;
+          a.sched.stage->freeHost(f.pinned);
+        }
+      }
       ps.inflight.clear();
-      size_t remaining = ps.sends.size() - ps.sendNext;
+      for (auto& u : ps.unpacking) releaseSlot(ps.peer, u.slot);
+      ps.unpacking.clear();
+      size_t remaining = ps.sends.size() - ps.sendNext + unposted;
       for (size_t i = 0; i < remaining; i++) queueAbort(ps.peer, h.pack(), i == 0 ? payload : kEmpty);
       ps.sendNext = ps.sends.size();
       if (remaining) told.insert(ps.peer);
@@ -731,6 +902,7 @@ struct Communicator::Impl {
       uint64_t tag;
       tcpxResult_t r = net->test(draining[i].req, &done, &size, &tag);
       if (r != tcpxSuccess || done) {
+        if (draining[i].pinned) stage()->freeHost(draining[i].pinned);
         draining[i] = draining.back();
         draining.pop_back();
         progressed = true;
@@ -814,6 +986,10 @@ struct Communicator::Impl {
     Peer& peer = peers[p];
     for (auto& op : peer.p2pSends) {
       if (op->posted) continue;
+      if (op->task->gate && !op->task->gate()) {
+        pollDevice = true;
+        break;  // later sends to p wait behind it: order is kept
+      }
       int c = ensureSend(p, kP2PLink);
       if (c <= 0) break;  // connecting (or aborted); later ops wait behind it
       void* sc = peer.links[kP2PLink].sendComm;
@@ -1034,6 +1210,7 @@ struct Communicator::Impl {
                    ? strFormat("waiting to send to rank %d", ps.peer)
                    : strFormat("waiting to connect to rank %d", ps.peer);
       if (!ps.inflight.empty()) return strFormat("waiting for a send to rank %d to drain", ps.peer);
+      if (!ps.unpacking.empty()) return strFormat("waiting for the GPU to unpack data from rank %d", ps.peer);
     }
     return "waiting for peers";
   }
@@ -1118,6 +1295,8 @@ struct Communicator::Impl {
     if (abortedLocal) return;
     abortedLocal = true;
     TCPX_WARN("%s aborted: %s", who().c_str(), why.c_str());
+    // No task may complete while the GPU still works on its buffers.
+    if (stage()) stage()->synchronize();
     closeConnections();
     {
       // Before any callback runs: an enqueue() from a callback (or from a
@@ -1167,8 +1346,15 @@ struct Communicator::Impl {
     }
     if (active)
       for (auto& ps : active->peerSteps)
-        for (auto& f : ps.inflight) drop(f.second);
-    for (auto& d : draining) drop(d.req);
+        for (auto& f : ps.inflight) {
+          drop(f.req);
+          if (f.pinned) stage()->freeHost(f.pinned);
+          f.pinned = nullptr;
+        }
+    for (auto& d : draining) {
+      drop(d.req);
+      if (d.pinned) stage()->freeHost(d.pinned);
+    }
     draining.clear();
     pendingAborts.clear();
   }
@@ -1212,6 +1398,7 @@ struct Communicator::Impl {
         abortReq = abortRequest;
       }
       if (!abortReq.empty() && !abortedLocal) hardFail(tcpxRemoteError, abortReq);
+      pollDevice = false;
       bool progressed = takeIncoming();
       if (!abortedLocal) {
         progressed |= pollAccept();
@@ -1234,6 +1421,11 @@ struct Communicator::Impl {
         continue;
       }
       if (opts.spinUs > 0 && now - lastProgress < std::chrono::microseconds(opts.spinUs)) continue;
+      if (pollDevice) {
+        // Waiting for the GPU: nothing will bump `events` when it is done.
+        std::this_thread::yield();
+        continue;
+      }
       events.waitUntil(seen, nextWake());
     }
     // Shutting down: receives nothing can satisfy any more fail; then close.
@@ -1263,6 +1455,12 @@ tcpxResult_t Communicator::create(const CommOptions& opts, std::unique_ptr<Commu
   if (opts.buffers < 2) TCPX_ERR(tcpxInvalidArgument, "at least 2 bounce buffers are required");
   std::unique_ptr<Communicator> comm(new Communicator(opts));
   TCPX_CHECK(comm->bootstrap());
+  if (opts.stage) {
+    // Bounce buffers and send staging chunks of the first peers (ring and
+    // tree neighbours), before any stream can wait for this communicator.
+    int peers = std::min(opts.nranks - 1, 4);
+    TCPX_CHECK(opts.stage->reserveHost(comm->chunkBytes_, peers * opts.buffers * 2));
+  }
   *out = std::move(comm);
   return tcpxSuccess;
 }

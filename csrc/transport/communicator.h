@@ -36,6 +36,7 @@
 #include "common/event.h"
 #include "common/status.h"
 #include "net/net.h"
+#include "transport/stage.h"
 #include "transport/store.h"
 #include "transport/task.h"
 
@@ -52,6 +53,9 @@ struct CommOptions {
   size_t chunkBytes = 512 * 1024;  // rank 0's value is adopted by the group
   int buffers = 8;                 // bounce buffers per peer
   int spinUs = 0;                  // busy-poll before sleeping
+  // Set: collectives run on device buffers through this stage, and the
+  // bounce buffers are pinned host memory from it (transport/stage.h).
+  std::shared_ptr<DeviceStage> stage;
 };
 
 class Communicator {
@@ -69,6 +73,9 @@ class Communicator {
   int nranks() const { return opts_.nranks; }
   size_t chunkBytes() const { return chunkBytes_; }
   const std::string& name() const { return opts_.name; }
+  // The device stage of a CUDA communicator, else nullptr.
+  DeviceStage* stage() const { return opts_.stage.get(); }
+  const std::shared_ptr<DeviceStage>& sharedStage() const { return opts_.stage; }
 
   // Queues `task`; never blocks. On an aborted communicator the task fails
   // at once (onComplete runs on the caller's thread then).

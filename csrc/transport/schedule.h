@@ -20,6 +20,7 @@
 
 #include "common/types.h"
 #include "transport/message.h"
+#include "transport/stage.h"
 
 namespace tcpx {
 
@@ -59,6 +60,11 @@ class Schedule {
   ReduceFn reduceFn = nullptr;
   // Mixed into every step's parameter hash: a coalesced batch's signature.
   uint16_t batchSalt = 0;
+  // Non-null: the steps' buffers are device memory, staged through pinned
+  // chunks and unpacked on this stage (transport/stage.h); reduceFn is then
+  // unused. The communicator sets its own stage before build(); a build
+  // with host buffers (barrier) resets it.
+  DeviceStage* stage = nullptr;
 
   StepId send(int peer, const void* src, size_t bytes) {
     return add(StepType::kSend, peer, const_cast<void*>(src), bytes);

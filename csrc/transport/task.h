@@ -35,6 +35,11 @@ class Task {
   // Limit from the start of execution; <= 0 means the communicator's default.
   std::chrono::milliseconds timeout{0};
   std::function<void(const TaskResult&)> onComplete;
+  // Optional: polled by the worker before the task touches its buffers
+  // (collectives, sends); the task starts once it returns true. The CUDA
+  // path uses it for "the caller's stream has reached this op" (an event
+  // query), so that no stream ever waits for the worker's own stream.
+  std::function<bool()> gate;
 };
 
 class CollectiveTask : public Task {

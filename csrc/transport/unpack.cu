@@ -19,13 +19,16 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;  // 8 warps per block
 
-__device__ __forceinline__ LoadMeta loadMeta(const LoadMeta* m) {
-  // One 16-byte load (the record is 16-byte aligned).
+// One 16-byte load (the record is 16-byte aligned); the length is cut at
+// `limit` bytes of the destination.
+__device__ __forceinline__ LoadMeta loadMeta(const LoadMeta* m, uint64_t limit) {
   uint4 v = *reinterpret_cast<const uint4*>(m);
   LoadMeta r;
   r.srcOff = v.x;
   r.len = v.y;
   r.dstOff = static_cast<uint64_t>(v.z) | (static_cast<uint64_t>(v.w) << 32);
+  if (r.dstOff >= limit) r.len = 0;
+  else if (r.len > limit - r.dstOff) r.len = static_cast<uint32_t>(limit - r.dstOff);
   return r;
 }
 
@@ -52,11 +55,12 @@ __device__ __forceinline__ void copyFragment(char* dst, const char* src, uint32_
   else copyVec<char>(dst, src, len, lane);
 }
 
-__global__ void unpackCopyKernel(const LoadMeta* metas, int count, const char* bounce, char* dst) {
+__global__ void unpackCopyKernel(const LoadMeta* metas, int count, const char* bounce, char* dst,
+                                 uint64_t limit) {
   const int lane = threadIdx.x % kWarp;
   const int warps = gridDim.x * (blockDim.x / kWarp);
   for (int w = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp; w < count; w += warps) {
-    LoadMeta m = loadMeta(metas + w);
+    LoadMeta m = loadMeta(metas + w, limit);
     copyFragment(dst + m.dstOff, bounce + m.srcOff, m.len, lane);
   }
 }
@@ -137,13 +141,14 @@ struct Storage<Bool> {
 
 template <class T>
 __global__ void unpackReduceKernel(const LoadMeta* metas, int count, const char* bounce, char* dst,
-                                   RedOp op) {
+                                   const char* own, RedOp op, uint64_t limit) {
   using S = typename Storage<T>::type;
   const int lane = threadIdx.x % kWarp;
   const int warps = gridDim.x * (blockDim.x / kWarp);
   for (int w = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp; w < count; w += warps) {
-    LoadMeta m = loadMeta(metas + w);
+    LoadMeta m = loadMeta(metas + w, limit);
     S* d = reinterpret_cast<S*>(dst + m.dstOff);
+    const S* o = reinterpret_cast<const S*>(own + m.dstOff);
     const char* src = bounce + m.srcOff;
     const uint32_t n = m.len / sizeof(S);
     const bool aligned = reinterpret_cast<uintptr_t>(src) % alignof(S) == 0;
@@ -151,7 +156,7 @@ __global__ void unpackReduceKernel(const LoadMeta* metas, int count, const char*
       S v;
       if (aligned) v = reinterpret_cast<const S*>(src)[i];
       else memcpy(&v, src + i * sizeof(S), sizeof(S));  // devmem fragments: any alignment
-      d[i] = Arith<T>::apply(d[i], v, op);
+      d[i] = Arith<T>::apply(o[i], v, op);
     }
   }
 }
@@ -165,25 +170,27 @@ int blocksFor(int count) {
 }  // namespace
 
 tcpxResult_t unpackCopy(const LoadMeta* metas, int count, const void* bounce, void* dst,
-                        CUstream_st* stream) {
+                        CUstream_st* stream, uint64_t limit) {
   if (count <= 0) return tcpxSuccess;
   unpackCopyKernel<<<blocksFor(count), kThreads, 0, stream>>>(
-      metas, count, static_cast<const char*>(bounce), static_cast<char*>(dst));
+      metas, count, static_cast<const char*>(bounce), static_cast<char*>(dst), limit);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) TCPX_ERR(tcpxUnhandledCudaError, "unpack copy launch: %s", cudaGetErrorString(e));
   return tcpxSuccess;
 }
 
 tcpxResult_t unpackReduce(const LoadMeta* metas, int count, const void* bounce, void* dst,
-                          DataType dtype, RedOp op, CUstream_st* stream) {
+                          DataType dtype, RedOp op, CUstream_st* stream, const void* own,
+                          uint64_t limit) {
   if (!redOpSupported(op, dtype))
     TCPX_ERR(tcpxInvalidArgument, "unpack: ReduceOp.%s is not supported for %s", redOpName(op),
              dataTypeName(dtype));
   if (count <= 0) return tcpxSuccess;
   const char* b = static_cast<const char*>(bounce);
   char* d = static_cast<char*>(dst);
+  const char* o = own ? static_cast<const char*>(own) : d;
   const int blocks = blocksFor(count);
-#define TCPX_UNPACK_LAUNCH(T) unpackReduceKernel<T><<<blocks, kThreads, 0, stream>>>(metas, count, b, d, op)
+#define TCPX_UNPACK_LAUNCH(T) unpackReduceKernel<T><<<blocks, kThreads, 0, stream>>>(metas, count, b, d, o, op, limit)
   switch (dtype) {
     case DataType::kFloat32: TCPX_UNPACK_LAUNCH(float); break;
     case DataType::kFloat64: TCPX_UNPACK_LAUNCH(double); break;
@@ -199,6 +206,26 @@ tcpxResult_t unpackReduce(const LoadMeta* metas, int count, const void* bounce, 
 #undef TCPX_UNPACK_LAUNCH
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) TCPX_ERR(tcpxUnhandledCudaError, "unpack reduce launch: %s", cudaGetErrorString(e));
+  return tcpxSuccess;
+}
+
+tcpxResult_t preloadUnpackKernels() {
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaFuncGetAttributes(&attr, unpackCopyKernel);
+#define TCPX_UNPACK_PRELOAD(T) \
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, unpackReduceKernel<T>)
+  TCPX_UNPACK_PRELOAD(float);
+  TCPX_UNPACK_PRELOAD(double);
+  TCPX_UNPACK_PRELOAD(__half);
+  TCPX_UNPACK_PRELOAD(__nv_bfloat16);
+  TCPX_UNPACK_PRELOAD(int8_t);
+  TCPX_UNPACK_PRELOAD(int16_t);
+  TCPX_UNPACK_PRELOAD(int32_t);
+  TCPX_UNPACK_PRELOAD(int64_t);
+  TCPX_UNPACK_PRELOAD(uint8_t);
+  TCPX_UNPACK_PRELOAD(Bool);
+#undef TCPX_UNPACK_PRELOAD
+  if (e != cudaSuccess) TCPX_ERR(tcpxUnhandledCudaError, "loading the unpack kernels: %s", cudaGetErrorString(e));
   return tcpxSuccess;
 }
 

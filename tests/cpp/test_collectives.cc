@@ -29,6 +29,7 @@ using testing::makeGroup;
 using testing::makeLoopbackNet;
 using testing::runRanks;
 using testing::runTask;
+using testing::startTask;
 
 using Comms = std::vector<std::unique_ptr<Communicator>>;
 
@@ -61,14 +62,6 @@ struct TestGroup {
   Comms comms;
 };
 
-// Enqueues `task`; the future gives its outcome.
-std::future<TaskResult> startTask(Communicator& comm, std::shared_ptr<Task> task) {
-  auto done = std::make_shared<std::promise<TaskResult>>();
-  auto fut = done->get_future();
-  task->onComplete = [done](const TaskResult& r) { done->set_value(r); };
-  comm.enqueue(std::move(task));
-  return fut;
-}
 
 const char* dtName(DataType t) {
   switch (t) {

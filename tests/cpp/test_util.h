@@ -90,9 +90,11 @@ inline void runRanks(int n, const std::function<void(int)>& fn) {
 }
 
 // Builds the communicators of one group, one per rank, over `net`.
+// With `stages`, rank r's communicator runs device schedules on stages[r].
 inline std::vector<std::unique_ptr<Communicator>> makeGroup(
     Net* net, int n, size_t chunkBytes = 64 * 1024, int buffers = 4,
-    std::chrono::milliseconds timeout = std::chrono::milliseconds(60000)) {
+    std::chrono::milliseconds timeout = std::chrono::milliseconds(60000),
+    const std::vector<std::shared_ptr<DeviceStage>>& stages = {}) {
   static int groupCounter = 0;
   auto store = std::make_shared<MemStore>();
   std::string name = "g" + std::to_string(groupCounter++);
@@ -107,6 +109,7 @@ inline std::vector<std::unique_ptr<Communicator>> makeGroup(
     o.net = net;
     o.chunkBytes = chunkBytes;
     o.buffers = buffers;
+    if (!stages.empty()) o.stage = stages[static_cast<size_t>(r)];
     EXPECT_EQ(Communicator::create(o, &comms[static_cast<size_t>(r)]), tcpxSuccess)
         << lastError();
   });
@@ -114,6 +117,15 @@ inline std::vector<std::unique_ptr<Communicator>> makeGroup(
 }
 
 // Enqueues `task` and waits for its outcome.
+// Enqueues `task`; the future gives its outcome.
+inline std::future<TaskResult> startTask(Communicator& comm, std::shared_ptr<Task> task) {
+  auto done = std::make_shared<std::promise<TaskResult>>();
+  auto fut = done->get_future();
+  task->onComplete = [done](const TaskResult& r) { done->set_value(r); };
+  comm.enqueue(std::move(task));
+  return fut;
+}
+
 inline TaskResult runTask(Communicator& comm, std::shared_ptr<Task> task) {
   auto done = std::make_shared<std::promise<TaskResult>>();
   auto fut = done->get_future();

@@ -19,27 +19,15 @@
 #include <vector>
 
 #include "common/types.h"
+#include "cuda_check.h"
 #include "transport/unpack.h"
 
 using namespace tcpx;
 
 namespace {
 
-int failures = 0;
 
-#define CUDA_OK(x)                                                                  \
-  do {                                                                              \
-    cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                        \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(2);                                                                      \
-    }                                                                               \
-  } while (0)
 
-void report(bool ok, const std::string& what) {
-  printf("%s %s\n", ok ? "PASS" : "FAIL", what.c_str());
-  if (!ok) failures++;
-}
 
 // A random fragment list: the destination [0, dstBytes) cut into pieces of
 // 1..maxLen bytes (multiples of `unit`), some left out (gaps keep their old
@@ -250,6 +238,6 @@ int main() {
   report(unpackReduce(nullptr, 1, nullptr, nullptr, DataType::kFloat32, RedOp::kBand, nullptr) ==
              tcpxInvalidArgument,
          "reduce float32 BAND is rejected");
-  printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);
-  return failures ? 1 : 0;
+  printf("%s: %d failure(s)\n", testFailures() ? "FAILED" : "OK", testFailures());
+  return testFailures() ? 1 : 0;
 }

@@ -1,0 +1,323 @@
+// The communicator's device path (transport/stage.h) without a GPU: a fake
+// stage whose "device memory" is host memory and whose "stream" runs the
+// queued copies and unpacks later, one per query, in order, the way a real
+// comm stream runs behind the worker. Every collective then goes through the
+// staged sends (copy to a pinned chunk, send once its ticket is done), the
+// unpack stage (copy or reduce into place once its ticket is done), the
+// finishing ticket and the gate, with ranks as threads over loopback.
+//
+// References are plain loops over the inputs (small integers in float32, so
+// every sum is exact whatever the order).
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <future>
+#include <set>
+
+#include "collectives/collectives.h"
+#include "collectives/reduce.h"
+#include "test_util.h"
+#include "transport/stage.h"
+
+namespace tcpx {
+namespace {
+
+using testing::makeGroup;
+using testing::makeLoopbackNet;
+using testing::runRanks;
+using testing::startTask;
+
+// A stream that lags: work runs only when the worker queries (one item per
+// query), so tickets are really pending for a while.
+class FakeStage : public DeviceStage {
+ public:
+  ~FakeStage() override {
+    for (void* p : host_) free(p);
+  }
+  int device() const override { return 0; }
+  void* stream() const override { return nullptr; }
+
+  void* allocHost(size_t bytes) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    void* p = malloc(bytes);
+    host_.insert(p);
+    hostAllocs_++;
+    return p;
+  }
+  void freeHost(void* p) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (host_.erase(p)) free(p);
+  }
+  tcpxResult_t reserveHost(size_t, int count) override {
+    reserved_ += count;
+    return tcpxSuccess;
+  }
+  void* allocDevice(size_t bytes) override { return malloc(bytes ? bytes : 1); }
+  void freeDevice(void* p) override { free(p); }
+
+  tcpxResult_t copy(void* dst, const void* src, size_t bytes) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    queue_.push_back([=] { memmove(dst, src, bytes); });
+    copies_++;
+    return tcpxSuccess;
+  }
+  tcpxResult_t unpack(void* dst, const void* own, const void* bounce, size_t bytes, bool reduce,
+                      DataType dtype, RedOp op) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    queue_.push_back([=] {
+      if (!reduce) {
+        memcpy(dst, bounce, bytes);
+        return;
+      }
+      if (own && own != dst) memcpy(dst, own, bytes);
+      reduceInto(dst, bounce, bytes / dataTypeSize(dtype), dtype, op);
+    });
+    unpacks_++;
+    return tcpxSuccess;
+  }
+  tcpxResult_t record(uint64_t* ticket) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    *ticket = enqueued_ + queue_.size();
+    return tcpxSuccess;
+  }
+  tcpxResult_t query(uint64_t ticket, bool* done) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!queue_.empty()) runOne();
+    *done = enqueued_ >= ticket;
+    return tcpxSuccess;
+  }
+  tcpxResult_t synchronize() override {
+    std::lock_guard<std::mutex> lk(mu_);
+    while (!queue_.empty()) runOne();
+    return tcpxSuccess;
+  }
+
+  int copies() const { return copies_; }
+  int unpacks() const { return unpacks_; }
+  int reserved() const { return reserved_; }
+  size_t pending() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return queue_.size();
+  }
+
+ private:
+  void runOne() {
+    queue_.front()();
+    queue_.pop_front();
+    enqueued_++;
+  }
+  std::mutex mu_;
+  std::deque<std::function<void()>> queue_;
+  uint64_t enqueued_ = 0;  // items run so far
+  std::set<void*> host_;
+  std::atomic<int> copies_{0}, unpacks_{0}, reserved_{0}, hostAllocs_{0};
+};
+
+constexpr size_t kChunk = 1024;
+constexpr int kBuffers = 4;
+
+struct StagedGroup {
+  explicit StagedGroup(int n) : net(makeLoopbackNet()) {
+    for (int r = 0; r < n; r++) stages.push_back(std::make_shared<FakeStage>());
+    std::vector<std::shared_ptr<DeviceStage>> s(stages.begin(), stages.end());
+    if (net) comms = makeGroup(net.get(), n, kChunk, kBuffers, std::chrono::milliseconds(15000), s);
+  }
+  bool ok() const {
+    if (!net) return false;
+    for (auto& c : comms)
+      if (!c) return false;
+    return true;
+  }
+  std::unique_ptr<Net> net;
+  std::vector<std::shared_ptr<FakeStage>> stages;
+  std::vector<std::unique_ptr<Communicator>> comms;
+};
+
+TaskResult run(Communicator& comm, std::shared_ptr<Task> task) { return startTask(comm, task).get(); }
+
+// Rank r's element i: a small integer, so float sums are exact.
+float input(int r, size_t i) { return static_cast<float>((r * 7 + static_cast<int>(i % 113)) % 61); }
+
+std::vector<float> inputs(int r, size_t n) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; i++) v[i] = input(r, i);
+  return v;
+}
+
+class DeviceStageTest : public ::testing::TestWithParam<int> {};
+
+// Sizes: below the latency threshold (recursive doubling, tree), one chunk,
+// and many chunks (ring, chain), with a partial last chunk.
+const size_t kCounts[] = {1, 3, 255, 256, 5000};
+
+TEST_P(DeviceStageTest, AllreduceSumAndMaxMatchReference) {
+  const int n = GetParam();
+  StagedGroup g(n);
+  ASSERT_TRUE(g.ok());
+  CollConfig cfg;
+  cfg.threshold = 512;
+  runRanks(n, [&](int r) {
+    for (size_t count : kCounts) {
+      for (RedOp op : {RedOp::kSum, RedOp::kMax}) {
+        std::vector<float> buf = inputs(r, count);
+        std::shared_ptr<CollectiveTask> t;
+        ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, buf.data(), count, DataType::kFloat32, op, 1.0, &t),
+                  tcpxSuccess);
+        TaskResult res = run(*g.comms[r], t);
+        ASSERT_TRUE(res.ok()) << res.message;
+        for (size_t i = 0; i < count; i++) {
+          float want = op == RedOp::kSum ? 0.f : -1e30f;
+          for (int q = 0; q < n; q++)
+            want = op == RedOp::kSum ? want + input(q, i) : std::max(want, input(q, i));
+          ASSERT_EQ(buf[i], want) << "rank " << r << " count " << count << " i " << i;
+        }
+      }
+    }
+  });
+  // Every byte went through the stage: staged sends and unpacks were used.
+  for (auto& s : g.stages) {
+    EXPECT_GT(s->copies(), 0);
+    EXPECT_GT(s->unpacks(), 0);
+    EXPECT_EQ(s->pending(), 0u) << "device work left behind after the ops completed";
+    EXPECT_EQ(s->reserved(), std::min(n - 1, 4) * kBuffers * 2);
+  }
+}
+
+TEST_P(DeviceStageTest, DataMovementAndReductionsMatchReference) {
+  const int n = GetParam();
+  StagedGroup g(n);
+  ASSERT_TRUE(g.ok());
+  CollConfig cfg;
+  const size_t count = 700;  // several chunks of 1 KiB
+  runRanks(n, [&](int r) {
+    Communicator& c = *g.comms[r];
+    std::shared_ptr<CollectiveTask> t;
+    // broadcast from the last rank
+    std::vector<float> b = inputs(r, count);
+    ASSERT_EQ(makeBroadcast(c, cfg, b.data(), count, DataType::kFloat32, n - 1, &t), tcpxSuccess);
+    ASSERT_TRUE(run(c, t).ok());
+    for (size_t i = 0; i < count; i++) ASSERT_EQ(b[i], input(n - 1, i));
+    // all_gather
+    std::vector<float> in = inputs(r, count), out(count * n, -1.f);
+    std::vector<void*> outs;
+    for (int q = 0; q < n; q++) outs.push_back(out.data() + q * count);
+    ASSERT_EQ(makeAllgather(c, in.data(), outs, count, DataType::kFloat32, &t), tcpxSuccess);
+    ASSERT_TRUE(run(c, t).ok());
+    for (int q = 0; q < n; q++)
+      for (size_t i = 0; i < count; i++) ASSERT_EQ(out[q * count + i], input(q, i));
+    // reduce_scatter: block q of rank r's input is input(r, q*count + i)
+    std::vector<float> full = inputs(r, count * n), mine(count, -1.f);
+    std::vector<const void*> blocks;
+    for (int q = 0; q < n; q++) blocks.push_back(full.data() + q * count);
+    ASSERT_EQ(makeReduceScatter(c, blocks, mine.data(), count, DataType::kFloat32, RedOp::kSum, 1.0, &t),
+              tcpxSuccess);
+    ASSERT_TRUE(run(c, t).ok());
+    for (size_t i = 0; i < count; i++) {
+      float want = 0;
+      for (int q = 0; q < n; q++) want += input(q, r * count + i);
+      ASSERT_EQ(mine[i], want) << "reduce_scatter rank " << r << " i " << i;
+    }
+    for (size_t i = 0; i < count * n; i++) ASSERT_EQ(full[i], input(r, i)) << "input modified";
+    // reduce to rank 0 (chain above the threshold)
+    std::vector<float> red = inputs(r, count);
+    ASSERT_EQ(makeReduce(c, cfg, red.data(), count, DataType::kFloat32, RedOp::kSum, 1.0, 0, &t),
+              tcpxSuccess);
+    ASSERT_TRUE(run(c, t).ok());
+    for (size_t i = 0; i < count; i++) {
+      float want = 0;
+      for (int q = 0; q < n; q++) want += input(q, i);
+      ASSERT_EQ(red[i], r == 0 ? want : input(r, i));
+    }
+    // all_to_all: rank r sends block q = r*100+q+i to rank q
+    std::vector<float> sbuf(count * n), rbuf(count * n, -1.f);
+    std::vector<const void*> sends;
+    std::vector<void*> recvs;
+    for (int q = 0; q < n; q++) {
+      for (size_t i = 0; i < count; i++) sbuf[q * count + i] = static_cast<float>(r * 100 + q + i % 7);
+      sends.push_back(sbuf.data() + q * count);
+      recvs.push_back(rbuf.data() + q * count);
+    }
+    std::vector<size_t> counts(n, count);
+    ASSERT_EQ(makeAlltoall(c, sends, counts, recvs, counts, DataType::kFloat32, &t), tcpxSuccess);
+    ASSERT_TRUE(run(c, t).ok());
+    for (int q = 0; q < n; q++)
+      for (size_t i = 0; i < count; i++)
+        ASSERT_EQ(rbuf[q * count + i], static_cast<float>(q * 100 + r + i % 7));
+  });
+}
+
+// A task does not start before its gate opens (the CUDA path's "the
+// caller's stream has reached the op"), and then completes normally.
+TEST_P(DeviceStageTest, GateHoldsTheTaskBack) {
+  const int n = GetParam();
+  StagedGroup g(n);
+  ASSERT_TRUE(g.ok());
+  CollConfig cfg;
+  std::atomic<bool> open{false};
+  std::atomic<int> polls{0};
+  std::vector<std::vector<float>> bufs(n);
+  std::vector<std::future<TaskResult>> futs(n);
+  for (int r = 0; r < n; r++) {
+    bufs[r] = inputs(r, 300);
+    std::shared_ptr<CollectiveTask> t;
+    ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, bufs[r].data(), 300, DataType::kFloat32, RedOp::kSum,
+                            1.0, &t),
+              tcpxSuccess);
+    if (r == 0) {
+      t->gate = [&] {
+        polls++;
+        return open.load();
+      };
+    }
+    futs[r] = startTask(*g.comms[r], t);
+  }
+  // Rank 0's part cannot have run: its buffer is unchanged and nobody is done.
+  while (polls.load() < 3) std::this_thread::yield();
+  for (int r = 0; r < n; r++)
+    EXPECT_EQ(futs[r].wait_for(std::chrono::seconds(0)), std::future_status::timeout);
+  for (size_t i = 0; i < 300; i++) ASSERT_EQ(bufs[0][i], input(0, i));
+  open = true;
+  for (int r = 0; r < n; r++) {
+    TaskResult res = futs[r].get();
+    ASSERT_TRUE(res.ok()) << res.message;
+    for (size_t i = 0; i < 300; i++) {
+      float want = 0;
+      for (int q = 0; q < n; q++) want += input(q, i);
+      ASSERT_EQ(bufs[r][i], want);
+    }
+  }
+}
+
+// A size mismatch fails the op on the staged path too (in-flight staging
+// copies and unpacks are drained first), and the group stays usable.
+TEST_P(DeviceStageTest, MismatchFailsAndGroupStaysUsable) {
+  const int n = GetParam();
+  StagedGroup g(n);
+  ASSERT_TRUE(g.ok());
+  CollConfig cfg;
+  runRanks(n, [&](int r) {
+    size_t count = r == 0 ? 3000 : 2000;
+    std::vector<float> buf = inputs(r, count);
+    std::shared_ptr<CollectiveTask> t;
+    ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, buf.data(), count, DataType::kFloat32, RedOp::kSum,
+                            1.0, &t),
+              tcpxSuccess);
+    TaskResult res = run(*g.comms[r], t);
+    EXPECT_FALSE(res.ok()) << "rank " << r << ": a size mismatch went unnoticed";
+    std::vector<float> ok = inputs(r, 600);
+    ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, ok.data(), 600, DataType::kFloat32, RedOp::kSum, 1.0, &t),
+              tcpxSuccess);
+    res = run(*g.comms[r], t);
+    ASSERT_TRUE(res.ok()) << res.message;
+    for (size_t i = 0; i < 600; i++) {
+      float want = 0;
+      for (int q = 0; q < n; q++) want += input(q, i);
+      ASSERT_EQ(ok[i], want);
+    }
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, DeviceStageTest, ::testing::Values(2, 3, 5));
+
+}  // namespace
+}  // namespace tcpx
