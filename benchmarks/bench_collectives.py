@@ -692,6 +692,23 @@ def main():
     for line in coalescing_summary(rows, bench.labels):
         out(line)
 
+    # tcpx on CUDA: where the time of its collectives went (staging copies, net, unpacks),
+    # summed over the whole run; busy times adding up to more than the wall time is overlap.
+    for label in bench.labels:
+        if label.split("#")[0] != "tcpx" or args.device != "cuda":
+            continue
+        try:
+            b = bench.groups[label]._get_backend(torch.device("cuda")).device_breakdown()
+        except Exception as e:  # noqa: BLE001 - informative only
+            out(f"# {label}: no device breakdown ({short_error(e)})")
+            continue
+        if b["ops"]:
+            w = b["wall_us"]
+            busy = b["staging_us"] + b["net_us"] + b["unpack_us"]
+            out(f"# {label} pipeline (rank 0, {b['ops']} CUDA collectives, {w / 1e6:.3f} s): "
+                f"staging copies busy {b['staging_us'] / w:.0%}, sends in the net {b['net_us'] / w:.0%}, "
+                f"unpacks {b['unpack_us'] / w:.0%} of the wall time; overlap {max(busy - w, 0) / w:.0%}")
+
     if rank == 0:
         meta = dict(world=world, dtype=args.dtype, device=args.device)
         if args.csv:

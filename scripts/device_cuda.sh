@@ -5,6 +5,9 @@
 #   stage   the standalone stage test (tests/cuda/test_stage.cu)
 #   smoke   scripts/smoke_cuda.py at 2 ranks (one per GPU) and 4 (GPUs shared)
 #   smoke-host / smoke-trace: the same with TCPX_CUDA_WAIT=host / TCPX_DEBUG=TRACE
+#   ddp     examples/train_digits_ddp.py on 2 GPUs against NCCL
+#   fsdp    examples/train_fsdp2.py on 2 GPUs against one GPU
+#   bench   scripts/bench_gpu.sh (tcpx vs NCCL sockets vs gloo)
 #   pytest  tests/python/test_cuda.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +42,14 @@ for step in $steps; do
     smoke)
       timeout 100 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -40
       timeout 100 python3 scripts/smoke_cuda.py 4 2>&1 | grep -v "^W" | tail -30 ;;
+    ddp)
+      timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+        examples/train_digits_ddp.py --device cuda --reference nccl 2>&1 | grep -v "^W" | tail -8 ;;
+    fsdp)
+      timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+        examples/train_fsdp2.py --device cuda 2>&1 | grep -v "^W" | tail -14 ;;
+    bench)
+      bash scripts/bench_gpu.sh 2 ;;
     pytest)
       timeout 500 python3 -m pytest tests/python/test_cuda.py -x -q -ra --timeout 300 2>&1 | tail -40 ;;
   esac

@@ -1473,6 +1473,10 @@ void ProcessGroupTCPX::checkPeer(int peer, const char* op, const char* role) con
                     size_, " and rank != ", rank_);
 }
 
+DeviceBreakdown ProcessGroupTCPX::deviceBreakdown() const {
+  return cuda_ && cuda_->comm ? cuda_->comm->deviceBreakdown() : DeviceBreakdown{};
+}
+
 uint64_t ProcessGroupTCPX::getSequenceNumberForGroup() {
   uint64_t n = comm_->collectivesIssued();
 #ifdef TCPX_WITH_CUDA

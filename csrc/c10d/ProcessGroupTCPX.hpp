@@ -180,6 +180,10 @@ class ProcessGroupTCPX : public c10d::Backend {
                                           const std::vector<int>& ranks,
                                           const c10::intrusive_ptr<Options>& opts) override;
 
+  // Time breakdown of this group's CUDA collectives so far (transport's
+  // DeviceBreakdown; all zero before the first CUDA op).
+  DeviceBreakdown deviceBreakdown() const;
+
   uint64_t getSequenceNumberForGroup() override;
   void setSequenceNumberForGroup() override {}  // every rank starts at 0 already
   void abort() override;

@@ -38,7 +38,23 @@ bootstrap through the store fails.)")
           "perform_nocolor_split", [](tcpx::ProcessGroupTCPX&, py::object) {},
           "Called by new_group on ranks outside the new group when the default group has a "
           "bound device (NCCL needs them to join ncclCommSplit); tcpx needs nothing from them.",
-          py::arg("device"));
+          py::arg("device"))
+      .def(
+          "device_breakdown",
+          [](tcpx::ProcessGroupTCPX& pg) {
+            tcpx::DeviceBreakdown b = pg.deviceBreakdown();
+            py::dict d;
+            d["ops"] = b.ops;
+            d["wall_us"] = b.wallUs;
+            d["staging_us"] = b.stagingUs;
+            d["net_us"] = b.netUs;
+            d["unpack_us"] = b.unpackUs;
+            return d;
+          },
+          "Where the time of this group's CUDA collectives went, summed over all of them so far "
+          "(microseconds): wall time from start to completion, and the time during which device "
+          "-> pinned staging copies, sends in the net and unpacks were in flight. Their sum "
+          "exceeding the wall time is the overlap of the pipeline.");
   m.def(
       "config",
       []() {

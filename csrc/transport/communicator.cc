@@ -53,6 +53,7 @@ struct Communicator::Impl {
   std::string aborted;  // non-empty once aborted: the cause
   std::string abortRequest;  // set by abort(), acted on by the worker
   uint64_t collectivesIssued = 0;
+  DeviceBreakdown breakdown;  // device collectives completed so far
   std::condition_variable stopped;
   bool workerDone = false;
 
@@ -153,6 +154,7 @@ struct Communicator::Impl {
     void* req = nullptr;
     void* pinned = nullptr;
     uint64_t ticket = 0;
+    bool posting = false;  // staging copy seen done
   };
   // A received chunk being unpacked on the device; its bounce buffer is
   // busy until the ticket is done.
@@ -168,8 +170,23 @@ struct Communicator::Impl {
     std::deque<InflightSend> inflight;
     std::deque<Unpacking> unpacking;
   };
+  // Time during which a count of in-flight items was above zero.
+  struct BusyClock {
+    int inFlight = 0;
+    Clock::time_point since;
+    Clock::duration busy{};
+    void add(int delta) {
+      auto now = Clock::now();
+      if (inFlight == 0 && delta > 0) since = now;
+      inFlight += delta;
+      if (inFlight == 0 && delta < 0) busy += now - since;
+    }
+    double us() const { return std::chrono::duration<double, std::micro>(busy).count(); }
+  };
   struct ActiveColl {
     std::shared_ptr<CollectiveTask> task;
+    Clock::time_point started = Clock::now();
+    BusyClock staging, sending, unpacking;  // device schedules
     Schedule sched;
     uint32_t seq = 0;
     Clock::time_point deadline;
@@ -586,11 +603,16 @@ struct Communicator::Impl {
             pollDevice = true;
             break;
           }
+          if (!f.posting) {
+            a.staging.add(-1);
+            f.posting = true;
+          }
           const Schedule::Step& st = a.sched.step(f.step);
           TCPX_TRACE(kLogTransport, "%s: step %u staged, sending %zu bytes to rank %d", who().c_str(),
                      f.step, st.bytes, p);
           if (!postSend(p, f.step, f.pinned, st.bytes, &f.req)) return true;
           if (!f.req) break;
+          a.sending.add(1);
           progressed = true;
         }
       }
@@ -607,7 +629,10 @@ struct Communicator::Impl {
           return true;
         }
         if (!done) break;
-        if (ps.inflight.front().pinned) dev->freeHost(ps.inflight.front().pinned);
+        if (ps.inflight.front().pinned) {
+          dev->freeHost(ps.inflight.front().pinned);
+          a.sending.add(-1);
+        }
         stepDone(ps.inflight.front().step);
         ps.inflight.pop_front();
         progressed = true;
@@ -635,6 +660,7 @@ struct Communicator::Impl {
             failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
             return true;
           }
+          a.staging.add(1);
           pollDevice = true;
         } else {
           if (!postSend(p, s, st.buf, st.bytes, &f.req)) return true;
@@ -712,6 +738,7 @@ struct Communicator::Impl {
             return true;
           }
           ps.unpacking.push_back(u);
+          a.unpacking.add(1);
           ps.recvNext++;
           popHead(p, /*keepSlot=*/true);
           pollDevice = true;
@@ -742,6 +769,7 @@ struct Communicator::Impl {
         }
         Unpacking u = ps.unpacking.front();
         ps.unpacking.pop_front();
+        a.unpacking.add(-1);
         TCPX_TRACE(kLogTransport, "%s: step %u unpacked (from rank %d)", who().c_str(), u.step, p);
         releaseSlot(p, u.slot);
         stepDone(u.step);
@@ -798,7 +826,19 @@ struct Communicator::Impl {
     }
     auto task = a.task;
     std::string msg = r == tcpxSuccess ? "" : lastError();
-    TCPX_TRACE(kLogColl, "%s: %s done on the device", who().c_str(), collName().c_str());
+    if (r == tcpxSuccess) {
+      double wall = std::chrono::duration<double, std::micro>(Clock::now() - a.started).count();
+      TCPX_TRACE(kLogColl,
+                 "%s: %s done in %.0f us: staging copies busy %.0f us, sends %.0f us, unpacks %.0f us",
+                 who().c_str(), collName().c_str(), wall, a.staging.us(), a.sending.us(),
+                 a.unpacking.us());
+      std::lock_guard<std::mutex> lk(mu);
+      breakdown.ops++;
+      breakdown.wallUs += wall;
+      breakdown.stagingUs += a.staging.us();
+      breakdown.netUs += a.sending.us();
+      breakdown.unpackUs += a.unpacking.us();
+    }
     active.reset();
     curSeq++;
     complete(task, r, msg);
@@ -1575,6 +1615,11 @@ void Communicator::shutdown() {
 uint64_t Communicator::collectivesIssued() const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->collectivesIssued;
+}
+
+DeviceBreakdown Communicator::deviceBreakdown() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->breakdown;
 }
 
 std::string Communicator::abortReason() const {

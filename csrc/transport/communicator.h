@@ -58,6 +58,17 @@ struct CommOptions {
   std::shared_ptr<DeviceStage> stage;
 };
 
+// Where the time of device collectives went, summed over the collectives
+// run so far (microseconds). A stage is "busy" while at least one of its
+// items is in flight: device -> pinned staging copies (from enqueue until the
+// worker sees the ticket done), sends in the net (posted until done), unpacks
+// (enqueued until done). When the stages overlap, their busy times add up
+// to more than the wall time: busy sum - wall = time saved by overlap.
+struct DeviceBreakdown {
+  uint64_t ops = 0;
+  double wallUs = 0, stagingUs = 0, netUs = 0, unpackUs = 0;
+};
+
 class Communicator {
  public:
   // Bootstraps (secret, listen, publish). Fails with the Store's or the
@@ -88,6 +99,8 @@ class Communicator {
   uint64_t collectivesIssued() const;
   // Non-empty once the communicator has aborted: the cause.
   std::string abortReason() const;
+  // Time breakdown of the device collectives that completed so far.
+  DeviceBreakdown deviceBreakdown() const;
 
  private:
   explicit Communicator(const CommOptions& opts);

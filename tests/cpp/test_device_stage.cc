@@ -181,6 +181,17 @@ TEST_P(DeviceStageTest, AllreduceSumAndMaxMatchReference) {
     EXPECT_EQ(s->pending(), 0u) << "device work left behind after the ops completed";
     EXPECT_EQ(s->reserved(), std::min(n - 1, 4) * kBuffers * 2);
   }
+  // The breakdown counts every device collective, and the lagging stream
+  // kept staging copies and unpacks in flight for a while.
+  for (auto& c : g.comms) {
+    DeviceBreakdown b = c->deviceBreakdown();
+    EXPECT_EQ(b.ops, std::size(kCounts) * 2);
+    EXPECT_GT(b.wallUs, 0);
+    EXPECT_GT(b.stagingUs, 0);
+    EXPECT_GT(b.netUs, 0);
+    EXPECT_GT(b.unpackUs, 0);
+    EXPECT_LE(b.stagingUs, b.wallUs * 1.001);
+  }
 }
 
 TEST_P(DeviceStageTest, DataMovementAndReductionsMatchReference) {
