@@ -22,6 +22,8 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
 
@@ -94,14 +96,37 @@ void testRoundTrip(DeviceStage& s) {
   }
 }
 
-// The backend's completion path under a blocking caller.
-void testFlagWait(DeviceStage& s, bool callerBlocks) {
-  phase = callerBlocks ? "flag wait, caller in a blocking copy" : "flag wait";
+// What the caller's thread does while a stream waits on the host flag and
+// the worker stages and unpacks: each may serialise the device (CUDA's
+// implicit synchronisation, lazy module loading), which would deadlock the
+// design. Each scenario runs in its own process with a time limit.
+enum class Caller { kFlagOnly, kYield, kBlockingCopy, kMalloc, kHostAlloc, kFirstLaunch };
+const char* callerName(Caller c) {
+  switch (c) {
+    case Caller::kFlagOnly: return "no device work, flag set at once (is the flag seen?)";
+    case Caller::kYield: return "caller idle";
+    case Caller::kBlockingCopy: return "caller in a blocking copy behind the wait";
+    case Caller::kMalloc: return "caller in cudaMalloc";
+    case Caller::kHostAlloc: return "caller in cudaHostAlloc";
+    case Caller::kFirstLaunch: return "caller launches a kernel for the first time";
+  }
+  return "?";
+}
+
+__global__ void neverLaunchedBefore(float* p) { p[threadIdx.x] += 1.0f; }
+
+// The backend's completion path: returns normally, or hangs (the parent kills it).
+void flagWaitScenario(Caller caller) {
+  std::shared_ptr<DeviceStage> stagePtr;
+  TCPX_OK(createCudaStage(0, 0, &stagePtr));
+  DeviceStage& s = *stagePtr;
+  TCPX_OK(s.reserveHost(512 * 1024, 4));
   const size_t bytes = 4 << 20;
   float *dev, *dst;
   CUDA_OK(cudaMalloc(&dev, bytes));
   CUDA_OK(cudaMalloc(&dst, bytes));
   CUDA_OK(cudaMemset(dev, 0, bytes));
+  CUDA_OK(cudaDeviceSynchronize());
   uint32_t* flags;
   CUDA_OK(cudaHostAlloc(reinterpret_cast<void**>(&flags), 64, cudaHostAllocMapped | cudaHostAllocPortable));
   memset(flags, 0, 64);
@@ -112,8 +137,14 @@ void testFlagWait(DeviceStage& s, bool callerBlocks) {
   TCPX_OK(streamWaitFlag(&flags[1], 1, done));
   CUDA_OK(cudaEventRecord(end, done));
   CUDA_OK(cudaStreamWaitEvent(cudaStreamLegacy, end, 0));
-  std::atomic<bool> workerDone{false};
+  std::atomic<bool> go{false}, workerDone{false};
   std::thread worker([&] {
+    while (!go) std::this_thread::yield();
+    if (caller == Caller::kFlagOnly) {
+      __atomic_store_n(&flags[1], 1u, __ATOMIC_RELEASE);
+      workerDone = true;
+      return;
+    }
     // What the communicator's worker does for one op: staging copies and
     // unpacks with tickets, then the completion flag.
     void* pinned = s.allocHost(512 * 1024);
@@ -132,26 +163,76 @@ void testFlagWait(DeviceStage& s, bool callerBlocks) {
     workerDone = true;
   });
   std::vector<float> host(bytes / 4);
-  if (callerBlocks) {
-    // t.cpu() after a non-blocking wait(): a synchronous copy on the legacy
-    // stream, which waits behind `end`, while the worker still works.
-    CUDA_OK(cudaMemcpy(host.data(), dst, bytes, cudaMemcpyDeviceToHost));
-  } else {
-    while (!workerDone) std::this_thread::yield();
-    CUDA_OK(cudaStreamSynchronize(cudaStreamLegacy));
+  switch (caller) {
+    case Caller::kFlagOnly:
+    case Caller::kYield:
+      go = true;
+      while (!workerDone) std::this_thread::yield();
+      break;
+    case Caller::kBlockingCopy:
+      go = true;
+      CUDA_OK(cudaMemcpy(host.data(), dst, bytes, cudaMemcpyDeviceToHost));
+      break;
+    case Caller::kMalloc: {
+      void* p;
+      CUDA_OK(cudaMalloc(&p, 256 << 20));
+      go = true;
+      CUDA_OK(cudaMalloc(&p, 256 << 20));
+      break;
+    }
+    case Caller::kHostAlloc: {
+      void* p;
+      CUDA_OK(cudaHostAlloc(&p, 64 << 20, cudaHostAllocDefault));
+      go = true;
+      CUDA_OK(cudaHostAlloc(&p, 64 << 20, cudaHostAllocDefault));
+      break;
+    }
+    case Caller::kFirstLaunch: {
+      float* p;
+      CUDA_OK(cudaMalloc(&p, 1024));
+      neverLaunchedBefore<<<1, 32, 0, done>>>(p);
+      CUDA_OK(cudaGetLastError());
+      go = true;
+      break;
+    }
   }
   worker.join();
-  report(cudaEventQuery(end) == cudaSuccess, std::string("completion event after the flag: ") + phase.load());
-  CUDA_OK(cudaEventDestroy(end));
-  CUDA_OK(cudaStreamDestroy(done));
-  CUDA_OK(cudaFreeHost(flags));
-  CUDA_OK(cudaFree(dev));
-  CUDA_OK(cudaFree(dst));
+  CUDA_OK(cudaStreamSynchronize(cudaStreamLegacy));
+  CUDA_OK(cudaStreamSynchronize(done));
+  if (cudaEventQuery(end) != cudaSuccess) exit(4);
+  exit(0);
+}
+
+// Runs the scenario in a child process; a child that runs past 20 s hung.
+void testFlagWait(Caller caller) {
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid == 0) flagWaitScenario(caller);
+  int status = 0;
+  for (int i = 0; i < 200; i++) {
+    if (waitpid(pid, &status, WNOHANG) == pid) {
+      report(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+             std::string("completion flag wait, ") + callerName(caller) +
+                 (WIFEXITED(status) ? " (exit " + std::to_string(WEXITSTATUS(status)) + ")" : " (crashed)"));
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // polling a child, not synchronising
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  report(false, std::string("completion flag wait, ") + callerName(caller) + ": HANG (killed after 20 s)");
 }
 
 }  // namespace
 
 int main() {
+  // The scenarios fork before this process touches CUDA (a child cannot use
+  // a CUDA context inherited from its parent).
+  for (Caller c : {Caller::kFlagOnly, Caller::kYield, Caller::kBlockingCopy, Caller::kMalloc, Caller::kHostAlloc,
+                   Caller::kFirstLaunch}) {
+    if (access("/dev/nvidiactl", F_OK) != 0) break;
+    testFlagWait(c);
+  }
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     printf("SKIP: no CUDA device\n");
@@ -168,8 +249,6 @@ int main() {
   TCPX_OK(createCudaStage(0, 0, &stage));
   TCPX_OK(stage->reserveHost(512 * 1024, 8));
   testRoundTrip(*stage);
-  testFlagWait(*stage, false);
-  testFlagWait(*stage, true);
   printf("%s: %d failure(s)\n", testFailures() ? "FAILED" : "OK", testFailures());
   return testFailures() ? 1 : 0;
 }
