@@ -441,7 +441,10 @@ void WorkTCPX::complete(const TaskResult& result) {
   } else {
     error = toException(result);
   }
-  if (!futureRequested_) {
+  // CUDA ops complete on a completion thread too: a device Future creates
+  // and records CUDA events, which the worker must never do (it may block
+  // while a kernel waits for the worker; see transport/cuda_stage.cu).
+  if (!futureRequested_ && !completionStream) {
     completeNow(error);
     return;
   }
@@ -557,15 +560,13 @@ namespace {
 
 // A CUDA event without timing (ATen's CUDAEvent would pull in the cuBLAS/
 // cuSPARSE headers, which the compile-only check of CI does not have).
+// Events come from an EventPool and go back to it: creating or destroying
+// one may block while a kernel waits for the worker (see cuda_stage.cu), so
+// the worker, which drops the gates, must never do either.
 class DeviceEvent {
  public:
-  explicit DeviceEvent(c10::DeviceIndex device) {
-    c10::cuda::CUDAGuard g(device);
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming));
-  }
-  ~DeviceEvent() { cudaEventDestroy(ev_); }
-  DeviceEvent(const DeviceEvent&) = delete;
-  DeviceEvent& operator=(const DeviceEvent&) = delete;
+  explicit DeviceEvent(cudaEvent_t ev) : ev_(ev) {}
+  cudaEvent_t get() const { return ev_; }
   void record(const c10::cuda::CUDAStream& s) { C10_CUDA_CHECK(cudaEventRecord(ev_, s.stream())); }
   void block(const c10::cuda::CUDAStream& s) const {
     C10_CUDA_CHECK(cudaStreamWaitEvent(s.stream(), ev_, 0));
@@ -576,6 +577,52 @@ class DeviceEvent {
 
  private:
   cudaEvent_t ev_ = nullptr;
+};
+
+class EventPool : public std::enable_shared_from_this<EventPool> {
+ public:
+  explicit EventPool(c10::DeviceIndex device) : device_(device) {}
+  ~EventPool() {
+    for (cudaEvent_t e : free_) cudaEventDestroy(e);
+  }
+  // Creates `n` events now (on the caller's thread, before any op waits).
+  void reserve(int n) {
+    c10::cuda::CUDAGuard g(device_);
+    std::lock_guard<std::mutex> lk(mu_);
+    for (int i = 0; i < n; i++) {
+      cudaEvent_t ev;
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+      free_.push_back(ev);
+    }
+  }
+  // Called on threads that issue ops; creates an event only when all are in use.
+  std::shared_ptr<DeviceEvent> get() {
+    cudaEvent_t ev = nullptr;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!free_.empty()) {
+        ev = free_.back();
+        free_.pop_back();
+      }
+    }
+    if (!ev) {
+      c10::cuda::CUDAGuard g(device_);
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    }
+    auto self = shared_from_this();
+    return std::shared_ptr<DeviceEvent>(new DeviceEvent(ev), [self](DeviceEvent* e) {
+      {
+        std::lock_guard<std::mutex> lk(self->mu_);
+        self->free_.push_back(e->get());
+      }
+      delete e;
+    });
+  }
+
+ private:
+  c10::DeviceIndex device_;
+  std::mutex mu_;
+  std::vector<cudaEvent_t> free_;
 };
 
 }  // namespace
@@ -593,13 +640,17 @@ struct ProcessGroupTCPX::CudaState {
   c10::cuda::CUDAStream collStream;     // completion of collectives, in issue order
   c10::cuda::CUDAStream stagingStream;  // point-to-point sends: device -> pinned
   std::map<int, c10::cuda::CUDAStream> p2pStreams;  // completion of p2p ops, per peer
+  std::shared_ptr<EventPool> events;
   uint32_t* flags = nullptr;
   uint32_t gen = 0;
 
   CudaState(c10::Device d)
       : device(d),
         collStream(c10::cuda::getStreamFromPool(true, d.index())),
-        stagingStream(c10::cuda::getStreamFromPool(true, d.index())) {}
+        stagingStream(c10::cuda::getStreamFromPool(true, d.index())),
+        events(std::make_shared<EventPool>(d.index())) {
+    events->reserve(256);
+  }
 
   ~CudaState() {
     // Every task completes (and sets its flag) before the worker stops.
@@ -665,7 +716,7 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
   c10::cuda::CUDAGuard guard(cs.device);
   const auto current = c10::cuda::getCurrentCUDAStream(cs.device.index());
   // The op may touch its tensors once the caller's stream reaches this point.
-  auto ready = std::make_shared<DeviceEvent>(cs.device.index());
+  auto ready = cs.events->get();
   ready->record(current);
   if (!work.deviceBefore.empty()) {
     // Sends: device -> pinned on the staging stream, which never waits for
@@ -676,7 +727,7 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
       dst.copy_(src, /*non_blocking=*/true);
       c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), cs.stagingStream);
     }
-    auto staged = std::make_shared<DeviceEvent>(cs.device.index());
+    auto staged = cs.events->get();
     staged->record(cs.stagingStream);
     task.gate = [staged] { return staged->query(); };
   } else {
@@ -697,7 +748,7 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
     // TCPX_CUDA_WAIT=host: no kernel waits for the host; the worker queues
     // the copies back and the completion event once the op is done, and
     // wait() blocks the host until then (like TORCH_NCCL_BLOCKING_WAIT).
-    auto end = std::make_shared<DeviceEvent>(dev);
+    auto end = cs.events->get();
     work.hostWait = true;
     work.streamWaits.push_back([end, dev] { end->block(c10::cuda::getCurrentCUDAStream(dev)); });
     for (const at::Tensor& t : keep) record(t);
@@ -722,7 +773,7 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
     c10::cuda::CUDAStreamGuard sg(done);
     for (auto& [dst, src] : work.deviceAfter) dst.copy_(src, /*non_blocking=*/true);
   }
-  auto end = std::make_shared<DeviceEvent>(cs.device.index());
+  auto end = cs.events->get();
   end->record(done);
   // The caching allocator must not hand these tensors' memory to anyone
   // before the completion stream has passed the op (they may be dropped
@@ -734,9 +785,11 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
   // never waits forever (a failed op's error is in the Work).
   auto inner = std::move(task.onComplete);
   TCPX_TRACE(kLogC10d, "CUDA op %u issued: %s", gen, work.description().c_str());
+  // The flag goes first: completing the Work (its Future records events)
+  // runs on a completion thread, never on the worker (WorkTCPX::complete).
   task.onComplete = [inner, flag, gen](const TaskResult& r) {
-    if (inner) inner(r);
     __atomic_store_n(flag, gen, __ATOMIC_RELEASE);
+    if (inner) inner(r);
     TCPX_TRACE(kLogC10d, "CUDA op %u completed on the host (%s); completion flag set", gen,
                r.ok() ? "ok" : r.message.c_str());
   };

@@ -112,9 +112,18 @@ class Scratch {
     for (auto& b : bufs_) ScratchCache::get().give(std::move(b.first), b.second);
     for (void* p : devBufs_) dev_->freeDevice(p);
   }
+  // Device scratch is allocated when the op is issued (see stage.h):
+  // reserve() takes the sizes the build will ask for, in order.
+  void reserve(const std::vector<size_t>& sizes) {
+    if (!dev_) return;
+    for (size_t b : sizes) reserved_.push_back(static_cast<char*>(dev_->allocDevice(b)));
+    for (char* p : reserved_)
+      if (p) devBufs_.push_back(p);
+  }
   // nullptr when out of memory (then the build fails with tcpxSystemError).
   char* alloc(size_t bytes) {
     if (dev_) {
+      if (next_ < reserved_.size()) return reserved_[next_++];
       void* p = dev_->allocDevice(bytes);
       if (p) devBufs_.push_back(p);
       return static_cast<char*>(p);
@@ -127,6 +136,8 @@ class Scratch {
   std::shared_ptr<DeviceStage> dev_;
   std::vector<std::pair<AlignedBuf, size_t>> bufs_;
   std::vector<void*> devBufs_;
+  std::vector<char*> reserved_;
+  size_t next_ = 0;
 };
 
 // The local steps of a collective, around its messages: on host memory, or
@@ -247,6 +258,12 @@ tcpxResult_t makeReduce(const Communicator& comm, const CollConfig& cfg, void* b
                             strFormat("%s, root %d", redOpName(op), root).c_str());
   char* p = static_cast<char*>(buf);
   auto scratch = std::make_shared<Scratch>(comm.sharedStage());
+  if (!isRoot) {
+    std::vector<size_t> sizes;
+    if (op == RedOp::kPremulSum && count) sizes.push_back(bytes);
+    sizes.push_back(bytes);
+    scratch->reserve(sizes);
+  }
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kReduce, algoId, dtype, op, paramHash(count, static_cast<uint64_t>(root)));
     s->reduceFn = reduceThunk;
@@ -287,6 +304,12 @@ tcpxResult_t makeReduceScatter(const Communicator& comm, const std::vector<const
   auto scratch = std::make_shared<Scratch>(comm.sharedStage());
   std::vector<const char*> ins;
   for (const void* i : inputs) ins.push_back(static_cast<const char*>(i));
+  {
+    std::vector<size_t> sizes;
+    if (op == RedOp::kPremulSum && count) sizes.assign(static_cast<size_t>(n), segBytes);
+    if (n > 1) sizes.push_back(segBytes * static_cast<size_t>(n));
+    scratch->reserve(sizes);
+  }
   t->build = [=](Schedule* s) -> tcpxResult_t {
     setHeader(s, OpKind::kReduceScatter, kReduceScatterRing, dtype, op, paramHash(count));
     s->reduceFn = reduceThunk;

@@ -2,10 +2,13 @@
 //
 // What it must never do on the worker thread: wait for anything but its own
 // comm stream (caller streams may wait on the worker, through
-// streamWaitFlag), or call something that synchronises the whole device
-// (cudaFree, cudaFreeHost, cudaHostUnregister, legacy-stream copies). Hence
-// pinned memory is pooled and freed only in the destructor, and device
-// scratch comes from a stream-ordered memory pool of its own.
+// streamWaitFlag), or call something that may synchronise the device or
+// block while a kernel runs: cudaFree, cudaFreeHost, cudaHostUnregister,
+// legacy-stream copies, creating streams or events (other projects saw
+// stream creation block while a wait kernel runs: pmodels/yaksa#228), lazy
+// module loading. Hence pinned memory is pooled and freed only in the
+// destructor, events are created up front, every kernel is loaded at init,
+// and device scratch comes from a stream-ordered memory pool of its own.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,6 +32,23 @@ namespace {
   } while (0)
 
 constexpr size_t kPage = 4096;
+
+// Switches the calling thread to `device` and back (methods that callers'
+// threads use must not change their current device).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
+    if (prev_ != device) cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (prev_ >= 0 && cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = -1;
+};
 
 // Page-sized loadMeta records covering `count` pages of a chunk (the same
 // offset in the bounce buffer and the destination).
@@ -66,6 +86,11 @@ class CudaStage final : public DeviceStage {
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, pageMetasKernel));
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, waitFlagKernel));
     TCPX_CHECK(ensureMetas(1));
+    for (int i = 0; i < kEvents; i++) {
+      cudaEvent_t ev;
+      TCPX_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+      freeEvents_.push_back(ev);
+    }
     TCPX_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return tcpxSuccess;
   }
@@ -100,7 +125,7 @@ class CudaStage final : public DeviceStage {
       hostSize_[p].second = false;
       return p;
     }
-    cudaSetDevice(dev_);
+    DeviceGuard g(dev_);
     void* p = nullptr;
     // Portable: usable from every device; with unified addressing (every
     // 64-bit platform CUDA supports) the device reads it at the same address.
@@ -134,7 +159,7 @@ class CudaStage final : public DeviceStage {
 
   void* allocDevice(size_t bytes) override {
     void* p = nullptr;
-    cudaSetDevice(dev_);
+    DeviceGuard g(dev_);
     if (cudaMallocFromPoolAsync(&p, std::max<size_t>(bytes, 1), pool_, stream_) != cudaSuccess) {
       cudaGetLastError();
       return nullptr;
@@ -144,7 +169,7 @@ class CudaStage final : public DeviceStage {
 
   void freeDevice(void* p) override {
     if (!p) return;
-    cudaSetDevice(dev_);
+    DeviceGuard g(dev_);
     cudaFreeAsync(p, stream_);
   }
 
@@ -168,12 +193,15 @@ class CudaStage final : public DeviceStage {
   tcpxResult_t record(uint64_t* ticket) override {
     TCPX_CUDA_CHECK(cudaSetDevice(dev_));
     cudaEvent_t ev;
-    if (!freeEvents_.empty()) {
-      ev = freeEvents_.back();
-      freeEvents_.pop_back();
-    } else {
-      TCPX_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    if (freeEvents_.empty()) {
+      // Every ticket of kEvents is still pending: retire the oldest first
+      // (tickets complete in order) rather than create an event now.
+      TCPX_CUDA_CHECK(cudaEventSynchronize(inflight_.front().second));
+      bool done;
+      TCPX_CHECK(query(inflight_.front().first, &done));
     }
+    ev = freeEvents_.back();
+    freeEvents_.pop_back();
     TCPX_CUDA_CHECK(cudaEventRecord(ev, stream_));
     *ticket = ++recorded_;
     inflight_.emplace_back(*ticket, ev);
@@ -225,6 +253,8 @@ class CudaStage final : public DeviceStage {
     return tcpxSuccess;
   }
 
+  // Tickets in flight at most: a few per bounce buffer and peer.
+  static constexpr int kEvents = 4096;
   const int dev_;
   cudaStream_t stream_ = nullptr;
   cudaMemPool_t pool_ = nullptr;

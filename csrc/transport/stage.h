@@ -15,8 +15,9 @@
 // the worker can always wait for it: ops are ordered after the caller's
 // work by a gate the worker polls (Task::gate), not by stream waits.
 //
-// All methods are called from the communicator's worker thread only, except
-// where noted. Implemented with CUDA in transport/cuda_stage.cu.
+// Work methods (copy, unpack, record, query, synchronize) are called from
+// the communicator's worker thread only; the memory methods from any thread.
+// Implemented with CUDA in transport/cuda_stage.cu.
 #pragma once
 
 #include <cstddef>
@@ -48,6 +49,8 @@ class DeviceStage {
   virtual tcpxResult_t reserveHost(size_t bytes, int count) = 0;
   // Device scratch memory (partial sums), allocated and freed in the comm
   // stream's order (a stream-ordered pool: no device synchronisation).
+  // Collectives allocate it when the op is issued, on the caller's thread,
+  // so the worker never waits for an allocation.
   virtual void* allocDevice(size_t bytes) = 0;
   virtual void freeDevice(void* p) = 0;
   // The comm stream (a cudaStream_t), for kernels of the layers above
