@@ -468,6 +468,7 @@ void WorkTCPX::completeNow(std::exception_ptr error) {
     future_->markCompleted(c10::IValue(outputs_));
     finish();
   }
+  held.clear();
 }
 
 bool WorkTCPX::wait(std::chrono::milliseconds timeout) {
@@ -825,7 +826,12 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> t
   // The task holds the work and the buffers the net reads or writes until the
   // communicator lets go of it (which, after a failure, can be after the work
   // completed); the work holds nothing of the task.
-  task->onComplete = [work, keep, batches = batches_](const TaskResult& r) {
+  task->onComplete = [work, keep, batches = batches_, isCuda](const TaskResult& r) mutable {
+    // CUDA: the tensors are let go on the completion thread, not here: freeing
+    // a recorded CUDA tensor makes the caching allocator create and record
+    // events, which the worker must not do (see prepareCuda). The net never
+    // reads them (it reads pinned copies), so completion may drop them.
+    if (isCuda) work->held = std::move(keep);
     work->complete(r);
     for (auto& b : batches) b->done(r);
   };

@@ -65,6 +65,8 @@ class WorkTCPX : public c10d::Work {
   std::optional<c10::Stream> completionStream;
   // TCPX_CUDA_WAIT=host: wait() blocks the host until the op is done.
   bool hostWait = false;
+  // The op's buffers, held until completion (CUDA ops; see enqueue).
+  std::vector<at::Tensor> held;
   // Replaces the Future with one that knows `device` (CUDA stream semantics
   // for then() callbacks and value()).
   void useDeviceFuture(c10::Device device);
