@@ -116,6 +116,10 @@ def run(rank, ws, port):
           flush=True)
     if host > 0.5 * gpu:
         failures.append("host blocked")
+    b = dist.group.WORLD._get_backend(dev).device_breakdown()
+    print(f"rank {rank}: {b['ops']} CUDA collectives, wall {b['wall_us'] / 1e3:.1f} ms, staging busy "
+          f"{b['staging_us'] / 1e3:.1f} ms, sends {b['net_us'] / 1e3:.1f} ms, unpacks "
+          f"{b['unpack_us'] / 1e3:.1f} ms", flush=True)
     dist.destroy_process_group()
     print(f"rank {rank}: {'OK' if not failures else 'FAILED ' + str(len(failures))}", flush=True)
     if failures:
