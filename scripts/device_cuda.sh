@@ -4,7 +4,8 @@
 #   unpack  the standalone unpack-kernel test (tests/cuda/test_unpack.cu)
 #   stage   the standalone stage test (tests/cuda/test_stage.cu)
 #   smoke   scripts/smoke_cuda.py at 2 ranks (one per GPU) and 4 (GPUs shared)
-#   smoke-host / smoke-trace: the same with TCPX_CUDA_WAIT=host / TCPX_DEBUG=TRACE
+#   smoke-host / smoke-memop / smoke-trace: the same with TCPX_CUDA_WAIT=host / =memop /
+#           TCPX_DEBUG=TRACE
 #   ddp     examples/train_digits_ddp.py on 2 GPUs against NCCL
 #   fsdp    examples/train_fsdp2.py on 2 GPUs against one GPU
 #   bench   scripts/bench_gpu.sh (tcpx vs NCCL sockets vs gloo)
@@ -37,6 +38,8 @@ for step in $steps; do
         csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/test_stage && timeout 120 /tmp/test_stage 2>&1 | tail -20 ;;
     smoke-host)
       TCPX_CUDA_WAIT=host timeout 100 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -30 ;;
+    smoke-memop)
+      TCPX_CUDA_WAIT=memop timeout 100 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -30 ;;
     smoke-trace)
       TCPX_DEBUG=TRACE SMOKE_HANG_S=30 timeout 60 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -60 ;;
     smoke)

@@ -541,7 +541,7 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
   o.spinUs = params->spinUs;
   store_ = store;
   commOptions_ = o;
-  cudaWaitHost_ = params->cudaWaitHost;
+  cudaWait_ = params->cudaWait;
   check(Communicator::create(o, &comm_));
   static std::once_flag printed;
   std::call_once(printed, [&] {
@@ -745,7 +745,7 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
   };
   work.completionStream = done.unwrap();
   work.useDeviceFuture(cs.device);
-  if (cudaWaitHost_) {
+  if (cudaWait_ == "host") {
     // TCPX_CUDA_WAIT=host: no kernel waits for the host; the worker queues
     // the copies back and the completion event once the op is done, and
     // wait() blocks the host until then (like TORCH_NCCL_BLOCKING_WAIT).
@@ -769,7 +769,7 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
   }
   uint32_t gen = ++cs.gen;
   uint32_t* flag = &cs.flags[gen % CudaState::kFlags];
-  check(streamWaitFlag(flag, gen, done.stream()));
+  check(streamWaitFlag(flag, gen, done.stream(), cudaWait_ == "memop"));
   {
     c10::cuda::CUDAStreamGuard sg(done);
     for (auto& [dst, src] : work.deviceAfter) dst.copy_(src, /*non_blocking=*/true);

@@ -235,7 +235,7 @@ class ProcessGroupTCPX : public c10d::Backend {
   std::unique_ptr<CudaState> cuda_;  // after the first CUDA op
   c10::intrusive_ptr<c10d::Store> store_;
   CommOptions commOptions_;          // the CPU communicator's, the base of the CUDA one's
-  bool cudaWaitHost_ = false;        // TCPX_CUDA_WAIT=host
+  std::string cudaWait_;             // TCPX_CUDA_WAIT: kernel | memop | host
   CollConfig collConfig_;
   std::chrono::milliseconds timeout_;
   std::string groupName_;

@@ -184,10 +184,10 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
     TCPX_CHECK(parseInt("TCPX_SPIN_US", v, 0, 1000000, &p.spinUs));
   if (const char* v = get("TCPX_GPU_NIC_MAP")) p.gpuNicMap = trim(v);
   if (const char* v = get("TCPX_CUDA_WAIT")) {
-    std::string w = toLower(trim(v));
-    if (w == "host") p.cudaWaitHost = true;
-    else if (w != "stream")
-      TCPX_ERR(tcpxInvalidArgument, "TCPX_CUDA_WAIT='%s' is invalid: expected stream or host", v);
+    p.cudaWait = toLower(trim(v));
+    if (p.cudaWait != "kernel" && p.cudaWait != "memop" && p.cudaWait != "host")
+      TCPX_ERR(tcpxInvalidArgument,
+               "TCPX_CUDA_WAIT='%s' is invalid: expected kernel, memop or host", v);
   }
   *out = p;
   return tcpxSuccess;
@@ -224,7 +224,7 @@ std::string describeParams(const Params& p) {
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,
       p.nthreads, p.nchannels, p.chunkBytes, p.buffers, p.sliceBytes, p.inlineBytes,
       p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs,
-      p.cudaWaitHost ? "host" : "stream");
+      p.cudaWait.c_str());
 }
 
 }  // namespace tcpx

@@ -33,7 +33,7 @@ struct Params {
   size_t algoThreshold = 64 * 1024;         // TCPX_ALGO_THRESHOLD: at or below, latency-optimal algorithms
   int spinUs = 0;                           // TCPX_SPIN_US: busy-poll before blocking, microseconds
   std::string gpuNicMap;                    // TCPX_GPU_NIC_MAP (multi-NIC pairing override)
-  bool cudaWaitHost = false;                // TCPX_CUDA_WAIT: stream (default) | host
+  std::string cudaWait = "kernel";          // TCPX_CUDA_WAIT: kernel | memop | host
 
   // The algorithm TCPX_ALGO forces for collective `coll` ("allreduce",
   // "broadcast", ...), or "" when it is left to size-based choice.

@@ -9,6 +9,7 @@
 // module loading. Hence pinned memory is pooled and freed only in the
 // destructor, events are created up front, every kernel is loaded at init,
 // and device scratch comes from a stream-ordered memory pool of its own.
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -279,7 +280,40 @@ tcpxResult_t createCudaStage(int device, int priority, std::shared_ptr<DeviceSta
   return tcpxSuccess;
 }
 
-tcpxResult_t streamWaitFlag(const volatile uint32_t* flag, uint32_t target, void* stream) {
+namespace {
+// cuStreamWaitValue32 through the runtime's driver entry point (no link to libcuda).
+using WaitValueFn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+WaitValueFn waitValueFn() {
+  static WaitValueFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &f, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<WaitValueFn>(nullptr);
+    }
+    return reinterpret_cast<WaitValueFn>(f);
+  }();
+  return fn;
+}
+}  // namespace
+
+tcpxResult_t streamWaitFlag(const volatile uint32_t* flag, uint32_t target, void* stream,
+                            bool memop) {
+  if (memop) {
+    WaitValueFn fn = waitValueFn();
+    if (!fn) TCPX_ERR(tcpxInvalidUsage, "cuStreamWaitValue32 is not available from this driver");
+    void* devPtr = nullptr;
+    if (cudaHostGetDevicePointer(&devPtr, const_cast<uint32_t*>(flag), 0) != cudaSuccess) {
+      cudaGetLastError();
+      TCPX_ERR(tcpxUnhandledCudaError, "the completion flag is not mapped pinned memory");
+    }
+    CUresult r = fn(static_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(devPtr), target,
+                    CU_STREAM_WAIT_VALUE_GEQ);
+    if (r != CUDA_SUCCESS) TCPX_ERR(tcpxUnhandledCudaError, "cuStreamWaitValue32 failed: error %d", r);
+    return tcpxSuccess;
+  }
   waitFlagKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(flag, target);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess)

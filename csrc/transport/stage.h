@@ -82,9 +82,14 @@ tcpxResult_t createCudaStage(int device, int priority, std::shared_ptr<DeviceSta
 
 // Makes `stream` (a cudaStream_t) wait until the 32-bit word at `flag`
 // (mapped pinned host memory, written by the host) reaches `target`, in
-// wrap-around order ((int32_t)(*flag - target) >= 0). A one-thread kernel
-// polls it: this is how a caller's stream waits for an operation that only
-// the host knows has finished, without blocking the host.
-tcpxResult_t streamWaitFlag(const volatile uint32_t* flag, uint32_t target, void* stream);
+// wrap-around order ((int32_t)(*flag - target) >= 0): how a caller's stream
+// waits for an operation that only the host knows has finished, without
+// blocking the host. memop == false: a one-thread kernel polls the word
+// (UCC's "kernel" stream task mode); true: the driver's stream memory
+// operation cuStreamWaitValue32 (GEQ, the same wrap-around order; no SM is
+// held), or tcpxInvalidUsage where the driver does not offer it.
+// createCudaStage loads the kernel, so that no stream waits before it is.
+tcpxResult_t streamWaitFlag(const volatile uint32_t* flag, uint32_t target, void* stream,
+                            bool memop = false);
 
 }  // namespace tcpx

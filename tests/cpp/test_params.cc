@@ -131,8 +131,9 @@ TEST(Params, ValidValues) {
        [](const Params& p) { return p.algoThreshold == (size_t{1} << 30); }},
       {"TCPX_SPIN_US", "0", [](const Params& p) { return p.spinUs == 0; }},
       {"TCPX_SPIN_US", "1000000", [](const Params& p) { return p.spinUs == 1000000; }},
-      {"TCPX_CUDA_WAIT", "host", [](const Params& p) { return p.cudaWaitHost; }},
-      {"TCPX_CUDA_WAIT", "Stream", [](const Params& p) { return !p.cudaWaitHost; }},
+      {"TCPX_CUDA_WAIT", "host", [](const Params& p) { return p.cudaWait == "host"; }},
+      {"TCPX_CUDA_WAIT", "MemOp", [](const Params& p) { return p.cudaWait == "memop"; }},
+      {"TCPX_CUDA_WAIT", "kernel", [](const Params& p) { return p.cudaWait == "kernel"; }},
       {"TCPX_GPU_NIC_MAP", "0:eth1,1:eth1",
        [](const Params& p) { return p.gpuNicMap == "0:eth1,1:eth1"; }},
   };
@@ -188,7 +189,7 @@ TEST(Params, InvalidValuesNameTheVariable) {
       {"TCPX_ALGO_THRESHOLD", "x"},
       {"TCPX_SPIN_US", "-1"},
       {"TCPX_SPIN_US", "1000001"},
-      {"TCPX_CUDA_WAIT", "kernel"},
+      {"TCPX_CUDA_WAIT", "stream"},
   };
   for (const InvalidCase& c : cases) {
     Params p;

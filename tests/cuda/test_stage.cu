@@ -101,6 +101,10 @@ void testRoundTrip(DeviceStage& s) {
 // implicit synchronisation, lazy module loading), which would deadlock the
 // design. Each scenario runs in its own process with a time limit.
 enum class Caller { kFlagOnly, kYield, kBlockingCopy, kMalloc, kHostAlloc, kFirstLaunch };
+struct Scenario {
+  Caller caller;
+  bool memop;  // cuStreamWaitValue32 instead of the wait kernel
+};
 const char* callerName(Caller c) {
   switch (c) {
     case Caller::kFlagOnly: return "no device work, flag set at once (is the flag seen?)";
@@ -116,7 +120,7 @@ const char* callerName(Caller c) {
 __global__ void neverLaunchedBefore(float* p) { p[threadIdx.x] += 1.0f; }
 
 // The backend's completion path: returns normally, or hangs (the parent kills it).
-void flagWaitScenario(Caller caller) {
+void flagWaitScenario(Caller caller, bool memop) {
   std::shared_ptr<DeviceStage> stagePtr;
   TCPX_OK(createCudaStage(0, 0, &stagePtr));
   DeviceStage& s = *stagePtr;
@@ -134,7 +138,7 @@ void flagWaitScenario(Caller caller) {
   CUDA_OK(cudaStreamCreateWithFlags(&done, cudaStreamNonBlocking));
   cudaEvent_t end;
   CUDA_OK(cudaEventCreateWithFlags(&end, cudaEventDisableTiming));
-  TCPX_OK(streamWaitFlag(&flags[1], 1, done));
+  TCPX_OK(streamWaitFlag(&flags[1], 1, done, memop));
   CUDA_OK(cudaEventRecord(end, done));
   CUDA_OK(cudaStreamWaitEvent(cudaStreamLegacy, end, 0));
   std::atomic<bool> go{false}, workerDone{false};
@@ -204,15 +208,17 @@ void flagWaitScenario(Caller caller) {
 }
 
 // Runs the scenario in a child process; a child that runs past 20 s hung.
-void testFlagWait(Caller caller) {
+void testFlagWait(Scenario sc) {
+  const Caller caller = sc.caller;
+  const std::string how = sc.memop ? " [cuStreamWaitValue32]" : " [wait kernel]";
   fflush(stdout);
   pid_t pid = fork();
-  if (pid == 0) flagWaitScenario(caller);
+  if (pid == 0) flagWaitScenario(caller, sc.memop);
   int status = 0;
   for (int i = 0; i < 200; i++) {
     if (waitpid(pid, &status, WNOHANG) == pid) {
       report(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-             std::string("completion flag wait, ") + callerName(caller) +
+             std::string("completion flag wait") + how + ", " + callerName(caller) +
                  (WIFEXITED(status) ? " (exit " + std::to_string(WEXITSTATUS(status)) + ")" : " (crashed)"));
       return;
     }
@@ -220,7 +226,8 @@ void testFlagWait(Caller caller) {
   }
   kill(pid, SIGKILL);
   waitpid(pid, &status, 0);
-  report(false, std::string("completion flag wait, ") + callerName(caller) + ": HANG (killed after 20 s)");
+  report(false, std::string("completion flag wait") + how + ", " + callerName(caller) +
+                    ": HANG (killed after 20 s)");
 }
 
 }  // namespace
@@ -228,10 +235,13 @@ void testFlagWait(Caller caller) {
 int main() {
   // The scenarios fork before this process touches CUDA (a child cannot use
   // a CUDA context inherited from its parent).
-  for (Caller c : {Caller::kFlagOnly, Caller::kYield, Caller::kBlockingCopy, Caller::kMalloc, Caller::kHostAlloc,
-                   Caller::kFirstLaunch}) {
+  const Scenario scenarios[] = {
+      {Caller::kFlagOnly, false},     {Caller::kYield, false},     {Caller::kBlockingCopy, false},
+      {Caller::kMalloc, false},       {Caller::kHostAlloc, false}, {Caller::kFirstLaunch, false},
+      {Caller::kFlagOnly, true},      {Caller::kYield, true},      {Caller::kBlockingCopy, true}};
+  for (const Scenario& sc : scenarios) {
     if (access("/dev/nvidiactl", F_OK) != 0) break;
-    testFlagWait(c);
+    testFlagWait(sc);
   }
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
