@@ -151,8 +151,27 @@ __global__ void unpackReduceKernel(const LoadMeta* metas, int count, const char*
     const S* o = reinterpret_cast<const S*>(own + m.dstOff);
     const char* src = bounce + m.srcOff;
     const uint32_t n = m.len / sizeof(S);
+    uint32_t done = 0;
+    // 16-byte vectors when all three addresses allow (the staging path's
+    // page-aligned chunks into 16-byte aligned tensors): one load per lane
+    // of each operand, kVec elements reduced in registers.
+    constexpr uint32_t kVec = sizeof(uint4) / sizeof(S);
+    if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(d) |
+          reinterpret_cast<uintptr_t>(o)) % sizeof(uint4)) == 0) {
+      const uint32_t nv = n / kVec;
+      for (uint32_t i = lane; i < nv; i += kWarp) {
+        uint4 a = reinterpret_cast<const uint4*>(o)[i];
+        const uint4 b = reinterpret_cast<const uint4*>(src)[i];
+        S* pa = reinterpret_cast<S*>(&a);
+        const S* pb = reinterpret_cast<const S*>(&b);
+#pragma unroll
+        for (uint32_t k = 0; k < kVec; k++) pa[k] = Arith<T>::apply(pa[k], pb[k], op);
+        reinterpret_cast<uint4*>(d)[i] = a;
+      }
+      done = nv * kVec;
+    }
     const bool aligned = reinterpret_cast<uintptr_t>(src) % alignof(S) == 0;
-    for (uint32_t i = lane; i < n; i += kWarp) {
+    for (uint32_t i = done + lane; i < n; i += kWarp) {
       S v;
       if (aligned) v = reinterpret_cast<const S*>(src)[i];
       else memcpy(&v, src + i * sizeof(S), sizeof(S));  // devmem fragments: any alignment

@@ -212,6 +212,52 @@ void testReduce(std::mt19937_64& rng, DataType t, RedOp op, bool alignSrc) {
                                  (bad == want.size() ? "" : " (first wrong byte at " + std::to_string(bad) + ")"));
 }
 
+// The staging path's shape (transport/cuda_stage.cu): page records with
+// equal source and destination offsets, a separate left operand (`own`),
+// and a limit that cuts the last page; 16-byte aligned buffers, so the
+// vectorised reduction runs. Bytes at and past the limit stay untouched.
+void testStagingReduce(std::mt19937_64& rng, DataType t, RedOp op) {
+  const size_t esz = dataTypeSize(t);
+  const int pages = 33;
+  const size_t limit = (pages - 1) * 4096 + 1000 / esz * esz;  // last page cut short
+  const size_t bytes = pages * 4096;
+  std::vector<char> bounce(bytes), own(bytes), dst(bytes);
+  fillValues(rng, t, bounce);
+  fillValues(rng, t, own);
+  fillValues(rng, t, dst);
+  std::vector<LoadMeta> metas;
+  for (int i = 0; i < pages; i++) metas.push_back({static_cast<uint32_t>(i * 4096), 4096, i * 4096ull});
+  std::vector<char> want = dst;
+  for (size_t k = 0; k < limit; k += esz) {
+    memcpy(&want[k], &own[k], esz);
+    refElement(t, op, &want[k], &bounce[k]);
+  }
+  char *dB, *dO, *dD;
+  LoadMeta* dM;
+  CUDA_OK(cudaMalloc(&dB, bytes));
+  CUDA_OK(cudaMalloc(&dO, bytes));
+  CUDA_OK(cudaMalloc(&dD, bytes));
+  CUDA_OK(cudaMalloc(&dM, metas.size() * sizeof(LoadMeta)));
+  CUDA_OK(cudaMemcpy(dB, bounce.data(), bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dO, own.data(), bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dD, dst.data(), bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dM, metas.data(), metas.size() * sizeof(LoadMeta), cudaMemcpyHostToDevice));
+  bool launched = unpackReduce(dM, pages, dB, dD, t, op, nullptr, dO, limit) == tcpxSuccess;
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<char> got(bytes);
+  CUDA_OK(cudaMemcpy(got.data(), dD, bytes, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaFree(dB));
+  CUDA_OK(cudaFree(dO));
+  CUDA_OK(cudaFree(dD));
+  CUDA_OK(cudaFree(dM));
+  size_t bad = 0;
+  while (bad < want.size() && got[bad] == want[bad]) bad++;
+  report(launched && bad == want.size(),
+         std::string("reduce ") + dataTypeName(t) + " " + redOpName(op) +
+             ", staging shape (own operand, cut last page, 16-byte vectors)" +
+             (bad == want.size() ? "" : " (first wrong byte at " + std::to_string(bad) + ")"));
+}
+
 }  // namespace
 
 int main() {
@@ -231,6 +277,7 @@ int main() {
       RedOp op = static_cast<RedOp>(oi);
       if (!redOpSupported(op, t)) continue;
       testReduce(rng, t, op, true);
+      testStagingReduce(rng, t, op);
     }
     testReduce(rng, t, RedOp::kSum, false);
   }
