@@ -41,7 +41,9 @@ for step in $steps; do
     smoke-memop)
       TCPX_CUDA_WAIT=memop timeout 100 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -30 ;;
     smoke-trace)
-      TCPX_DEBUG=TRACE SMOKE_HANG_S=30 timeout 60 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -60 ;;
+      TCPX_DEBUG=TRACE TCPX_DEBUG_SUBSYS=TRANSPORT,COLL,C10D SMOKE_HANG_S=30 timeout 60 \
+        python3 scripts/smoke_cuda.py 2 > "$OUT/smoke_trace.log" 2>&1
+      grep -v "^W" "$OUT/smoke_trace.log" | head -60 ;;
     smoke)
       timeout 100 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -40
       timeout 100 python3 scripts/smoke_cuda.py 4 2>&1 | grep -v "^W" | tail -30 ;;
