@@ -788,8 +788,13 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
   TCPX_TRACE(kLogC10d, "CUDA op %u issued: %s", gen, work.description().c_str());
   // The flag goes first: completing the Work (its Future records events)
   // runs on a completion thread, never on the worker (WorkTCPX::complete).
-  task.onComplete = [inner, flag, gen](const TaskResult& r) {
+  task.onComplete = [inner, flag, gen, what = work.description()](const TaskResult& r) {
     __atomic_store_n(flag, gen, __ATOMIC_RELEASE);
+    // wait() may have returned already: streams go on with undefined
+    // outputs, so say it where a user will see it (ProcessGroupNCCL's
+    // watchdog does the same), besides storing the error in the Work.
+    if (!r.ok())
+      TCPX_WARN("%s failed; its CUDA outputs are undefined: %s", what.c_str(), r.message.c_str());
     if (inner) inner(r);
     TCPX_TRACE(kLogC10d, "CUDA op %u completed on the host (%s); completion flag set", gen,
                r.ok() ? "ok" : r.message.c_str());
