@@ -86,7 +86,9 @@ class CudaStage final : public DeviceStage {
     cudaFuncAttributes attr;
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, pageMetasKernel));
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, waitFlagKernel));
-    TCPX_CHECK(ensureMetas(1));
+    // Page records for the largest chunk TCPX_CHUNK_BYTES allows (256 MiB:
+    // 1 MiB of records), so that the worker never allocates them later.
+    TCPX_CHECK(ensureMetas(static_cast<int>((size_t{256} << 20) / kPage)));
     for (int i = 0; i < kEvents; i++) {
       cudaEvent_t ev;
       TCPX_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
