@@ -740,19 +740,25 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
       task.type == Task::Type::kCollective ? cs.collStream : cs.p2pStream(peer);
   ready->block(done);
   const c10::DeviceIndex dev = cs.device.index();
+  work.completionStream = done.unwrap();
+  work.useDeviceFuture(cs.device);
+  // wait() makes the current stream wait for `end`, which follows the op and
+  // its copies back on the completion stream.
+  auto end = cs.events->get();
+  work.streamWaits.push_back([end, dev] { end->block(c10::cuda::getCurrentCUDAStream(dev)); });
+  // The caching allocator must not hand these tensors' memory to anyone
+  // before the completion stream has passed the op (they may be dropped
+  // right after the call).
   auto record = [&](const at::Tensor& t) {
     if (t.is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), done);
   };
-  work.completionStream = done.unwrap();
-  work.useDeviceFuture(cs.device);
+  for (const at::Tensor& t : keep) record(t);
+  for (auto& [dst, src] : work.deviceAfter) record(dst);  // user tensors the copies back write
   if (cudaWait_ == "host") {
-    // TCPX_CUDA_WAIT=host: no kernel waits for the host; the worker queues
-    // the copies back and the completion event once the op is done, and
-    // wait() blocks the host until then (like TORCH_NCCL_BLOCKING_WAIT).
-    auto end = cs.events->get();
+    // TCPX_CUDA_WAIT=host: nothing on the GPU waits for the host; the worker
+    // queues the copies back and `end` once the op is done, and wait() blocks
+    // the host until then (like TORCH_NCCL_BLOCKING_WAIT).
     work.hostWait = true;
-    work.streamWaits.push_back([end, dev] { end->block(c10::cuda::getCurrentCUDAStream(dev)); });
-    for (const at::Tensor& t : keep) record(t);
     auto inner = std::move(task.onComplete);
     auto after = work.deviceAfter;
     task.onComplete = [inner, after, done, end, dev](const TaskResult& r) {
@@ -774,14 +780,7 @@ void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector
     c10::cuda::CUDAStreamGuard sg(done);
     for (auto& [dst, src] : work.deviceAfter) dst.copy_(src, /*non_blocking=*/true);
   }
-  auto end = cs.events->get();
   end->record(done);
-  // The caching allocator must not hand these tensors' memory to anyone
-  // before the completion stream has passed the op (they may be dropped
-  // right after the call).
-  for (const at::Tensor& t : keep) record(t);
-  for (auto& [dst, src] : work.deviceAfter) record(dst);
-  work.streamWaits.push_back([end, dev] { end->block(c10::cuda::getCurrentCUDAStream(dev)); });
   // The host side: the flag is set however the task ends, so the stream
   // never waits forever (a failed op's error is in the Work).
   auto inner = std::move(task.onComplete);

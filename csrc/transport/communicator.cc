@@ -154,7 +154,7 @@ struct Communicator::Impl {
     void* req = nullptr;
     void* pinned = nullptr;
     uint64_t ticket = 0;
-    bool posting = false;  // staging copy seen done
+    bool staged = false;  // the staging copy was seen done
   };
   // A received chunk being unpacked on the device; its bounce buffer is
   // busy until the ticket is done.
@@ -518,9 +518,7 @@ struct Communicator::Impl {
       auto payload = abortPayload(msg);
       for (int p = 0; p < opts.nranks; p++)
         if (p != opts.rank) queueAbort(p, h.pack(), payload);
-      active.reset();
-      curSeq++;
-      complete(task, r, msg);
+      endActive(r, msg);
       return;
     }
     a.sched.setSeq(a.seq);
@@ -544,9 +542,7 @@ struct Communicator::Impl {
         std::string msg = strFormat(
             "internal error: %s built a step with peer %d and %zu bytes (chunk %zu)",
             task->description.c_str(), st.peer, st.bytes, chunkBytes);
-        active.reset();
-        curSeq++;
-        complete(task, tcpxInternalError, msg);
+        endActive(tcpxInternalError, msg);
         return;
       }
       auto it = index.find(st.peer);
@@ -596,16 +592,16 @@ struct Communicator::Impl {
           if (f.req) continue;
           bool ready = false;
           if (dev->query(f.ticket, &ready) != tcpxSuccess) {
-            failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
+            failOnDevice();
             return true;
           }
           if (!ready) {
             pollDevice = true;
             break;
           }
-          if (!f.posting) {
+          if (!f.staged) {
             a.staging.add(-1);
-            f.posting = true;
+            f.staged = true;
           }
           const Schedule::Step& st = a.sched.step(f.step);
           TCPX_TRACE(kLogTransport, "%s: step %u staged, sending %zu bytes to rank %d", who().c_str(),
@@ -657,7 +653,7 @@ struct Communicator::Impl {
           if (dev->copy(f.pinned, st.buf, st.bytes) != tcpxSuccess ||
               dev->record(&f.ticket) != tcpxSuccess) {
             dev->freeHost(f.pinned);
-            failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
+            failOnDevice();
             return true;
           }
           a.staging.add(1);
@@ -734,7 +730,7 @@ struct Communicator::Impl {
                           st.type == Schedule::StepType::kRecvReduce, want.dtype,
                           want.redop) != tcpxSuccess ||
               dev->record(&u.ticket) != tcpxSuccess) {
-            failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
+            failOnDevice();
             return true;
           }
           ps.unpacking.push_back(u);
@@ -760,7 +756,7 @@ struct Communicator::Impl {
       while (!ps.unpacking.empty()) {
         bool ready = false;
         if (dev->query(ps.unpacking.front().ticket, &ready) != tcpxSuccess) {
-          failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
+          failOnDevice();
           return true;
         }
         if (!ready) {
@@ -778,6 +774,11 @@ struct Communicator::Impl {
     }
     if (active && active->remaining == 0) finishActive();
     return progressed;
+  }
+
+  // A stage call of the running collective failed (lastError() says how).
+  void failOnDevice() {
+    failActive(tcpxUnhandledCudaError, strFormat("%s: %s", collName().c_str(), lastError().c_str()));
   }
 
   // Posts a collective send of `bytes` at `buf` for step s; false if the
@@ -808,9 +809,14 @@ struct Communicator::Impl {
         return;
       }
     }
-    auto task = a.task;
     std::string msg = r == tcpxSuccess ? "" : lastError();
     if (r != tcpxSuccess && a.sched.stage) a.sched.stage->synchronize();
+    endActive(r, msg);
+  }
+
+  // The running collective is over: the next one may start.
+  void endActive(tcpxResult_t r, const std::string& msg) {
+    auto task = active->task;
     active.reset();
     curSeq++;
     complete(task, r, msg);
@@ -824,7 +830,6 @@ struct Communicator::Impl {
       pollDevice = true;
       return false;
     }
-    auto task = a.task;
     std::string msg = r == tcpxSuccess ? "" : lastError();
     if (r == tcpxSuccess) {
       double wall = std::chrono::duration<double, std::micro>(Clock::now() - a.started).count();
@@ -839,9 +844,7 @@ struct Communicator::Impl {
       breakdown.netUs += a.sending.us();
       breakdown.unpackUs += a.unpacking.us();
     }
-    active.reset();
-    curSeq++;
-    complete(task, r, msg);
+    endActive(r, msg);
     return true;
   }
 
@@ -885,9 +888,7 @@ struct Communicator::Impl {
     for (size_t p = 0; p < peers.size(); p++)
       if (peers[p].links[kCollLink].sendComm && !told.count(static_cast<int>(p)))
         queueAbort(static_cast<int>(p), h.pack(), payload);
-    active.reset();
-    curSeq++;
-    complete(task, code, msg);
+    endActive(code, msg);
   }
 
   // The reason an ABORT carries: "rank R: why", cut to fit a bounce buffer.

@@ -100,6 +100,7 @@ class CudaStage final : public DeviceStage {
 
   ~CudaStage() override {
     cudaSetDevice(dev_);
+    if (metas_) cudaFreeAsync(metas_, stream_);
     if (stream_) cudaStreamSynchronize(stream_);
     for (auto& e : inflight_) cudaEventDestroy(e.second);
     for (cudaEvent_t e : freeEvents_) cudaEventDestroy(e);
@@ -107,11 +108,7 @@ class CudaStage final : public DeviceStage {
       for (void* p : kv.second) cudaFreeHost(p);
     for (auto& kv : hostSize_)
       if (!kv.second.second) cudaFreeHost(kv.first);  // still handed out: freed anyway
-    if (metas_) cudaFreeAsync(metas_, stream_);
-    if (stream_) {
-      cudaStreamSynchronize(stream_);
-      cudaStreamDestroy(stream_);
-    }
+    if (stream_) cudaStreamDestroy(stream_);
     if (pool_) cudaMemPoolDestroy(pool_);
   }
 

@@ -52,14 +52,9 @@ bool allCreated(const Comms& comms) {
   return true;
 }
 
-// A loopback net and an n-rank group on it (the net outlives the comms).
-struct TestGroup {
-  explicit TestGroup(int n) : net(makeLoopbackNet()) {
-    if (net) comms = makeComms(net.get(), n);
-  }
-  bool ok() const { return net && allCreated(comms); }
-  std::unique_ptr<Net> net;
-  Comms comms;
+// A loopback net and an n-rank group on it, with this file's chunk size.
+struct TestGroup : testing::LoopbackGroup {
+  explicit TestGroup(int n) : LoopbackGroup(n, kChunk, kBuffers, kGroupTimeout) {}
 };
 
 

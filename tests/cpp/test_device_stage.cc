@@ -22,8 +22,6 @@
 namespace tcpx {
 namespace {
 
-using testing::makeGroup;
-using testing::makeLoopbackNet;
 using testing::runRanks;
 using testing::startTask;
 
@@ -116,21 +114,23 @@ class FakeStage : public DeviceStage {
 constexpr size_t kChunk = 1024;
 constexpr int kBuffers = 4;
 
+std::vector<std::shared_ptr<FakeStage>> fakeStages(int n) {
+  std::vector<std::shared_ptr<FakeStage>> v;
+  for (int r = 0; r < n; r++) v.push_back(std::make_shared<FakeStage>());
+  return v;
+}
+
+// A loopback group whose rank r runs device schedules on stages[r].
 struct StagedGroup {
-  explicit StagedGroup(int n) : net(makeLoopbackNet()) {
-    for (int r = 0; r < n; r++) stages.push_back(std::make_shared<FakeStage>());
-    std::vector<std::shared_ptr<DeviceStage>> s(stages.begin(), stages.end());
-    if (net) comms = makeGroup(net.get(), n, kChunk, kBuffers, std::chrono::milliseconds(15000), s);
-  }
-  bool ok() const {
-    if (!net) return false;
-    for (auto& c : comms)
-      if (!c) return false;
-    return true;
-  }
-  std::unique_ptr<Net> net;
+  explicit StagedGroup(int n)
+      : stages(fakeStages(n)),
+        group(n, kChunk, kBuffers, std::chrono::milliseconds(15000),
+              {stages.begin(), stages.end()}),
+        comms(group.comms) {}
+  bool ok() const { return group.ok(); }
   std::vector<std::shared_ptr<FakeStage>> stages;
-  std::vector<std::unique_ptr<Communicator>> comms;
+  testing::LoopbackGroup group;
+  std::vector<std::unique_ptr<Communicator>>& comms;
 };
 
 TaskResult run(Communicator& comm, std::shared_ptr<Task> task) { return startTask(comm, task).get(); }

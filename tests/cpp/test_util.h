@@ -117,6 +117,24 @@ inline std::vector<std::unique_ptr<Communicator>> makeGroup(
 }
 
 // Enqueues `task` and waits for its outcome.
+// A loopback net and an n-rank group on it (the net outlives the comms);
+// with `stages`, a group of device communicators (makeGroup).
+struct LoopbackGroup {
+  LoopbackGroup(int n, size_t chunkBytes, int buffers, std::chrono::milliseconds timeout,
+                const std::vector<std::shared_ptr<DeviceStage>>& stages = {})
+      : net(makeLoopbackNet()) {
+    if (net) comms = makeGroup(net.get(), n, chunkBytes, buffers, timeout, stages);
+  }
+  bool ok() const {
+    if (!net) return false;
+    for (auto& c : comms)
+      if (!c) return false;
+    return true;
+  }
+  std::unique_ptr<Net> net;
+  std::vector<std::unique_ptr<Communicator>> comms;
+};
+
 // Enqueues `task`; the future gives its outcome.
 inline std::future<TaskResult> startTask(Communicator& comm, std::shared_ptr<Task> task) {
   auto done = std::make_shared<std::promise<TaskResult>>();
