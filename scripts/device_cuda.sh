@@ -35,7 +35,7 @@ for step in $steps; do
         csrc/common/*.cc -o /tmp/test_unpack && timeout 120 /tmp/test_unpack 2>&1 | tail -5 ;;
     stage)
       nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/test_stage.cu csrc/transport/cuda_stage.cu \
-        csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/test_stage && timeout 120 /tmp/test_stage 2>&1 | tail -20 ;;
+        csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/test_stage && timeout 300 /tmp/test_stage 2>&1 | tail -40 ;;
     smoke-host)
       TCPX_CUDA_WAIT=host timeout 100 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -30 ;;
     smoke-memop)

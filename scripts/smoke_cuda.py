@@ -17,7 +17,12 @@ import torch.multiprocessing as mp
 
 def expect(name, got, want, failures):
     got = got.cpu()
-    ok = got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    ok = got.dtype == want.dtype and got.shape == want.shape
+    if ok and want.dtype in (torch.bfloat16, torch.float16):
+        # Sums of several ranks round differently in another order.
+        ok = torch.allclose(got.float(), want.float(), rtol=3e-2, atol=0)
+    elif ok:
+        ok = torch.equal(got, want)
     if not ok:
         failures.append(name)
         bad = (got != want).nonzero()[:3].tolist() if got.shape == want.shape else "shape"
@@ -26,12 +31,41 @@ def expect(name, got, want, failures):
 
 def run(rank, ws, port):
     import faulthandler
-    faulthandler.dump_traceback_later(float(os.environ.get("SMOKE_HANG_S", "80")), exit=True)
+    import threading
+    hang_s = float(os.environ.get("SMOKE_HANG_S", "80"))
+    faulthandler.dump_traceback_later(hang_s, exit=True)
+
+    dumper = None
+    if os.environ.get("SMOKE_STACKS"):  # native stacks of tcpx threads on a hang (debug aid)
+        import ctypes
+        dumper = ctypes.CDLL(os.environ["SMOKE_STACKS"])
+        dumper.stackdump_install()
+
+    def watchdog():  # a moment before faulthandler: what the workers wait for
+        time.sleep(max(hang_s - 3, 1))
+        if dist.is_initialized():
+            dist.group.WORLD._get_backend(torch.device("cuda")).dump_state()
+        # What every thread is blocked in (syscall numbers: 202 futex, 16 ioctl, 24 sched_yield).
+        for tid in sorted(os.listdir("/proc/self/task")):
+            def read(name):
+                try:
+                    with open(f"/proc/self/task/{tid}/{name}") as f:
+                        return f.read().strip()
+                except OSError:
+                    return "?"
+            print(f"rank {rank} thread {tid} {read('comm')}: syscall {read('syscall').split(' ')[0]}"
+                  f" wchan {read('wchan')}", flush=True)
+            if dumper and (read("comm").startswith("tcpx-worker") or tid == str(os.getpid())):
+                dumper.stackdump_thread(int(tid))
+                time.sleep(0.2)
+    threading.Thread(target=watchdog, daemon=True).start()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch_tcpx  # noqa: F401
     dev = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(dev)
-    dist.init_process_group("tcpx", rank=rank, world_size=ws)
+    import datetime
+    timeout = datetime.timedelta(seconds=float(os.environ.get("SMOKE_PG_TIMEOUT_S", "600")))
+    dist.init_process_group("tcpx", rank=rank, world_size=ws, timeout=timeout)
     failures = []
     for n in (1, 1023, (1 << 20) + 3, 16 << 20):
         print(f"rank {rank}: n={n}", flush=True)
@@ -113,7 +147,7 @@ def run(rank, ws, port):
     expect("all_reduce after sleep", t, torch.full((1 << 20,), float(ws)), failures)
     print(f"rank {rank}: host returned after {host*1e3:.1f} ms, GPU done after {gpu*1e3:.1f} ms",
           flush=True)
-    if host > 0.5 * gpu:
+    if host > 0.5 * gpu and os.environ.get("TCPX_CUDA_WAIT") != "host":  # host mode blocks by design
         failures.append("host blocked")
     b = dist.group.WORLD._get_backend(dev).device_breakdown()
     print(f"rank {rank}: {b['ops']} CUDA collectives, wall {b['wall_us'] / 1e3:.1f} ms, staging busy "

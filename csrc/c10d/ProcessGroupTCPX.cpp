@@ -19,7 +19,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include "collectives/reduce_cuda.h"
 #include "transport/stage.h"
 #endif
 
@@ -416,6 +415,11 @@ class CompletionThreads {
       queue_.pop_front();
       lk.unlock();
       fn();
+      // Its captures (Works, tensors) go now, outside the lock: their
+      // destructors may call CUDA, which can block for as long as another
+      // thread sits in a synchronous CUDA call, and the communicator's
+      // worker must never wait for that to post a completion.
+      fn = nullptr;
       lk.lock();
     }
   }
@@ -468,7 +472,6 @@ void WorkTCPX::completeNow(std::exception_ptr error) {
     future_->markCompleted(c10::IValue(outputs_));
     finish();
   }
-  held.clear();
 }
 
 bool WorkTCPX::wait(std::chrono::milliseconds timeout) {
@@ -542,6 +545,7 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
   store_ = store;
   commOptions_ = o;
   cudaWait_ = params->cudaWait;
+  cudaBlocks_ = params->cudaBlocks;
   check(Communicator::create(o, &comm_));
   static std::once_flag printed;
   std::call_once(printed, [&] {
@@ -561,9 +565,8 @@ namespace {
 
 // A CUDA event without timing (ATen's CUDAEvent would pull in the cuBLAS/
 // cuSPARSE headers, which the compile-only check of CI does not have).
-// Events come from an EventPool and go back to it: creating or destroying
-// one may block while a kernel waits for the worker (see cuda_stage.cu), so
-// the worker, which drops the gates, must never do either.
+// Events come from an EventPool and go back to it, so that issuing an op
+// rarely creates one.
 class DeviceEvent {
  public:
   explicit DeviceEvent(cudaEvent_t ev) : ev_(ev) {}
@@ -572,10 +575,6 @@ class DeviceEvent {
   void block(const c10::cuda::CUDAStream& s) const {
     C10_CUDA_CHECK(cudaStreamWaitEvent(s.stream(), ev_, 0));
   }
-  // true once the recorded work is done; a CUDA error counts as done (the
-  // op then runs and the error surfaces in the next CUDA call of the caller).
-  bool query() const { return cudaEventQuery(ev_) != cudaErrorNotReady; }
-
  private:
   cudaEvent_t ev_ = nullptr;
 };
@@ -629,16 +628,16 @@ class EventPool : public std::enable_shared_from_this<EventPool> {
 }  // namespace
 
 // The CUDA side of a group: its communicator (device collectives through a
-// stage), the streams completion events go on, and the completion flags.
+// stage), the streams ops run on, and the flags of point-to-point ops.
 struct ProcessGroupTCPX::CudaState {
-  // Flags live in one slab of mapped pinned memory; op k uses word k mod
+  // Flags live in one slab of mapped pinned memory; flag k uses word k mod
   // kFlags and waits for the value k (wrap-around order), so a word is
-  // reused only after 2^20 later ops, long after its waiter has finished.
+  // reused only after 2^20 later flags, long after its waiter has finished.
   static constexpr uint32_t kFlags = 1u << 20;
 
   c10::Device device;
   std::unique_ptr<Communicator> comm;
-  c10::cuda::CUDAStream collStream;     // completion of collectives, in issue order
+  c10::cuda::CUDAStream collStream;     // collectives' op kernels and copies back, in issue order
   c10::cuda::CUDAStream stagingStream;  // point-to-point sends: device -> pinned
   std::map<int, c10::cuda::CUDAStream> p2pStreams;  // completion of p2p ops, per peer
   std::shared_ptr<EventPool> events;
@@ -654,7 +653,7 @@ struct ProcessGroupTCPX::CudaState {
   }
 
   ~CudaState() {
-    // Every task completes (and sets its flag) before the worker stops.
+    // Every task completes (its op kernel exits, its flag is set) before the worker stops.
     if (comm) comm->shutdown();
     comm.reset();
     if (flags) cudaFreeHost(flags);
@@ -687,13 +686,10 @@ Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* o
   // group must issue CUDA ops for it to be created.
   c10::cuda::CUDAGuard guard(device);
   auto state = std::make_unique<CudaState>(device);
-  int least = 0, greatest = 0;
-  cudaDeviceGetStreamPriorityRange(&least, &greatest);
   CommOptions o = commOptions_;
   o.name += "/cuda";
   o.store = std::make_shared<C10dStore>(c10::make_intrusive<c10d::PrefixStore>("cuda", store_));
-  check(createCudaStage(device.index(), greatest, &o.stage));
-  check(preloadScaleKernels());  // before any stream waits on this group (reduce_cuda.h)
+  check(createCudaStage(device.index(), cudaBlocks_, &o.stage));
   cudaError_t e = cudaHostAlloc(reinterpret_cast<void**>(&state->flags),
                                 CudaState::kFlags * sizeof(uint32_t),
                                 cudaHostAllocMapped | cudaHostAllocPortable);
@@ -710,96 +706,112 @@ Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* o
 #endif
 }
 
-void ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work, const std::vector<at::Tensor>& keep,
-                                   int peer) {
+std::function<void()> ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work,
+                                                    const std::vector<at::Tensor>& keep,
+                                                    int peer) {
 #ifdef TCPX_WITH_CUDA
   CudaState& cs = *cuda_;
   c10::cuda::CUDAGuard guard(cs.device);
-  const auto current = c10::cuda::getCurrentCUDAStream(cs.device.index());
-  // The op may touch its tensors once the caller's stream reaches this point.
+  const c10::DeviceIndex dev = cs.device.index();
+  const auto current = c10::cuda::getCurrentCUDAStream(dev);
+  const bool collective = task.type == Task::Type::kCollective;
+  // The op's stream: collectives run their op kernel there (launchCuda);
+  // point-to-point ops wait there for the host's flag. Either way it
+  // follows the caller's stream, then copies back into the user's tensors,
+  // then the event that wait() makes the current stream wait for.
+  c10::cuda::CUDAStream done = collective ? cs.collStream : cs.p2pStream(peer);
   auto ready = cs.events->get();
   ready->record(current);
+  ready->block(done);
   if (!work.deviceBefore.empty()) {
     // Sends: device -> pinned on the staging stream, which never waits for
-    // the network (so an earlier receive cannot hold a send back).
+    // the network (so an earlier receive cannot hold a send back); the GPU
+    // then sets a flag that opens the task's gate.
     ready->block(cs.stagingStream);
     c10::cuda::CUDAStreamGuard sg(cs.stagingStream);
     for (auto& [dst, src] : work.deviceBefore) {
       dst.copy_(src, /*non_blocking=*/true);
       c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), cs.stagingStream);
     }
-    auto staged = cs.events->get();
-    staged->record(cs.stagingStream);
-    task.gate = [staged] { return staged->query(); };
-  } else {
-    task.gate = [ready] { return ready->query(); };
+    const uint32_t gen = ++cs.gen;
+    uint32_t* staged = &cs.flags[gen % CudaState::kFlags];
+    check(streamWriteFlag(staged, gen, cs.stagingStream.stream()));
+    task.gate = [staged, gen] {
+      return static_cast<int32_t>(__atomic_load_n(staged, __ATOMIC_ACQUIRE) - gen) >= 0;
+    };
   }
-  // Completion: a kernel on the completion stream waits for the host's flag,
-  // then the copies back into the user's tensors, then the event wait() uses.
-  c10::cuda::CUDAStream done =
-      task.type == Task::Type::kCollective ? cs.collStream : cs.p2pStream(peer);
-  ready->block(done);
-  const c10::DeviceIndex dev = cs.device.index();
   work.completionStream = done.unwrap();
   work.useDeviceFuture(cs.device);
-  // wait() makes the current stream wait for `end`, which follows the op and
-  // its copies back on the completion stream.
+  work.hostWait = cudaWait_ == "host";  // TCPX_CUDA_WAIT=host: wait() also blocks the host
   auto end = cs.events->get();
   work.streamWaits.push_back([end, dev] { end->block(c10::cuda::getCurrentCUDAStream(dev)); });
   // The caching allocator must not hand these tensors' memory to anyone
-  // before the completion stream has passed the op (they may be dropped
-  // right after the call).
+  // before the op's stream has passed the op (they may be dropped right
+  // after the call).
   auto record = [&](const at::Tensor& t) {
     if (t.is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), done);
   };
   for (const at::Tensor& t : keep) record(t);
   for (auto& [dst, src] : work.deviceAfter) record(dst);  // user tensors the copies back write
-  if (cudaWait_ == "host") {
-    // TCPX_CUDA_WAIT=host: nothing on the GPU waits for the host; the worker
-    // queues the copies back and `end` once the op is done, and wait() blocks
-    // the host until then (like TORCH_NCCL_BLOCKING_WAIT).
-    work.hostWait = true;
-    auto inner = std::move(task.onComplete);
-    auto after = work.deviceAfter;
-    task.onComplete = [inner, after, done, end, dev](const TaskResult& r) {
-      {
-        c10::cuda::CUDAGuard g(dev);
-        c10::cuda::CUDAStreamGuard sg(done);
-        if (r.ok())
-          for (auto [dst, src] : after) dst.copy_(src, /*non_blocking=*/true);
-        end->record(done);
-      }
-      if (inner) inner(r);
-    };
-    return;
-  }
-  uint32_t gen = ++cs.gen;
-  uint32_t* flag = &cs.flags[gen % CudaState::kFlags];
-  check(streamWaitFlag(flag, gen, done.stream(), cudaWait_ == "memop"));
-  {
+  auto after = [after = work.deviceAfter, done, end, dev] {
+    c10::cuda::CUDAGuard g(dev);
     c10::cuda::CUDAStreamGuard sg(done);
-    for (auto& [dst, src] : work.deviceAfter) dst.copy_(src, /*non_blocking=*/true);
-  }
-  end->record(done);
-  // The host side: the flag is set however the task ends, so the stream
-  // never waits forever (a failed op's error is in the Work).
+    for (auto [dst, src] : after) dst.copy_(src, /*non_blocking=*/true);
+    end->record(done);
+  };
+  // wait() may have returned already: streams go on with undefined
+  // outputs, so say it where a user will see it (ProcessGroupNCCL's
+  // watchdog does the same), besides storing the error in the Work.
   auto inner = std::move(task.onComplete);
-  TCPX_TRACE(kLogC10d, "CUDA op %u issued: %s", gen, work.description().c_str());
-  // The flag goes first: completing the Work (its Future records events)
-  // runs on a completion thread, never on the worker (WorkTCPX::complete).
-  task.onComplete = [inner, flag, gen, what = work.description()](const TaskResult& r) {
-    __atomic_store_n(flag, gen, __ATOMIC_RELEASE);
-    // wait() may have returned already: streams go on with undefined
-    // outputs, so say it where a user will see it (ProcessGroupNCCL's
-    // watchdog does the same), besides storing the error in the Work.
+  auto warnFailed = [what = work.description()](const TaskResult& r) {
     if (!r.ok())
       TCPX_WARN("%s failed; its CUDA outputs are undefined: %s", what.c_str(), r.message.c_str());
-    if (inner) inner(r);
-    TCPX_TRACE(kLogC10d, "CUDA op %u completed on the host (%s); completion flag set", gen,
-               r.ok() ? "ok" : r.message.c_str());
   };
+  if (collective) {
+    task.onComplete = [inner, warnFailed](const TaskResult& r) {
+      warnFailed(r);
+      if (inner) inner(r);
+    };
+    return after;
+  }
+  // Point-to-point: the op's stream waits for a flag the worker sets when
+  // the op is over (the net moved pinned memory; no device work on the worker).
+  const uint32_t gen = ++cs.gen;
+  uint32_t* flag = &cs.flags[gen % CudaState::kFlags];
+  check(streamWaitFlag(flag, gen, done.stream(), cudaWait_ == "memop"));
+  after();
+  TCPX_TRACE(kLogC10d, "CUDA op issued (flag %u): %s", gen, work.description().c_str());
+  // The flag goes first: completing the Work (its Future records events)
+  // runs on a completion thread, never on the worker (WorkTCPX::complete).
+  task.onComplete = [inner, flag, gen, warnFailed](const TaskResult& r) {
+    __atomic_store_n(flag, gen, __ATOMIC_RELEASE);
+    warnFailed(r);
+    if (inner) inner(r);
+  };
+  return nullptr;
 #else
   (void)task, (void)work, (void)keep, (void)peer;
+  return nullptr;
+#endif
+}
+
+void ProcessGroupTCPX::launchCuda(Task& task, const std::vector<std::function<void()>>& after) {
+#ifdef TCPX_WITH_CUDA
+  CudaState& cs = *cuda_;
+  c10::cuda::CUDAGuard guard(cs.device);
+  uint64_t op = 0;
+  if (cs.comm->stage()->launch(cs.collStream.stream(), &op) != tcpxSuccess) {
+    std::string msg = lastError();
+    if (task.onComplete) task.onComplete(TaskResult{tcpxUnhandledCudaError, msg});
+    throwStatus(tcpxUnhandledCudaError, msg);
+  }
+  task.deviceOp = op;
+  TCPX_TRACE(kLogC10d, "CUDA op %llu launched: %s", static_cast<unsigned long long>(op),
+             task.description.c_str());
+  for (auto& f : after)
+    if (f) f();
+#else
+  (void)task, (void)after;
 #endif
 }
 
@@ -830,18 +842,29 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> t
   // The task holds the work and the buffers the net reads or writes until the
   // communicator lets go of it (which, after a failure, can be after the work
   // completed); the work holds nothing of the task.
-  task->onComplete = [work, keep, batches = batches_, isCuda](const TaskResult& r) mutable {
-    // CUDA: the tensors are let go on the completion thread, not here: freeing
-    // a recorded CUDA tensor makes the caching allocator create and record
-    // events, which the worker must not do (see prepareCuda). The net never
-    // reads them (it reads pinned copies), so completion may drop them.
-    if (isCuda) work->held = std::move(keep);
-    work->complete(r);
-    for (auto& b : batches) b->done(r);
-  };
+  if (isCuda) {
+    // CUDA: the worker never calls CUDA (transport/stage.h), and letting go
+    // of a tensor or a Work may: the caching allocator records events when
+    // a recorded tensor is freed. So the whole completion, and the last
+    // references, move to a completion thread, and the task keeps nothing.
+    task->onComplete = [work, keep, batches = batches_](const TaskResult& r) mutable {
+      CompletionThreads::get().post(
+          [work = std::move(work), keep = std::move(keep), batches = std::move(batches), r]() mutable {
+            work->complete(r);
+            for (auto& b : batches) b->done(r);
+            keep.clear();
+          });
+    };
+  } else {
+    task->onComplete = [work, keep, batches = batches_](const TaskResult& r) {
+      work->complete(r);
+      for (auto& b : batches) b->done(r);
+    };
+  }
+  std::function<void()> after;
   if (isCuda) {
     int peer = task->type == Task::Type::kCollective ? -1 : static_cast<P2PTask&>(*task).peer;
-    prepareCuda(*task, *work, keep, peer);
+    after = prepareCuda(*task, *work, keep, peer);
   }
   for (auto& b : batches_) b->add(*work);
   if (collect) {
@@ -855,8 +878,10 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> t
     pending_.push_back(std::static_pointer_cast<CollectiveTask>(task));
     pendingRanges_.insert(pendingRanges_.end(), ranges.begin(), ranges.end());
     pendingComm_ = &comm;
+    if (after) pendingAfter_.push_back(std::move(after));
     return work;
   }
+  if (isCuda && task->type == Task::Type::kCollective) launchCuda(*task, {after});
   comm.enqueue(std::move(task));
   return work;
 }
@@ -868,6 +893,8 @@ void ProcessGroupTCPX::flushCoalesced() {
   pendingRanges_.clear();
   Communicator* comm = pendingComm_;
   pendingComm_ = nullptr;
+  std::vector<std::function<void()>> after;
+  after.swap(pendingAfter_);
   std::shared_ptr<CollectiveTask> task;
   check(makeCoalesced(parts, &task));
   if (parts.size() > 1) {
@@ -875,12 +902,8 @@ void ProcessGroupTCPX::flushCoalesced() {
     task->onComplete = [parts](const TaskResult& r) {
       for (auto& p : parts) p->onComplete(r);
     };
-    task->gate = [parts] {
-      for (auto& p : parts)
-        if (p->gate && !p->gate()) return false;
-      return true;
-    };
   }
+  if (comm->stage()) launchCuda(*task, after);
   comm->enqueue(std::move(task));
 }
 
@@ -898,6 +921,7 @@ void ProcessGroupTCPX::abandonCoalescing() {
   parts.swap(pending_);
   pendingRanges_.clear();
   pendingComm_ = nullptr;
+  pendingAfter_.clear();
   std::vector<std::shared_ptr<Batch>> batches;
   batches.swap(batches_);
   TaskResult cancelled{tcpxInvalidArgument,
@@ -1534,6 +1558,11 @@ void ProcessGroupTCPX::checkPeer(int peer, const char* op, const char* role) con
   TORCH_CHECK_VALUE(peer >= 0 && peer < size_ && peer != rank_, "tcpx ", op, ": ", role,
                     " rank ", peer, " is invalid: expected another rank of the group, 0 <= rank < ",
                     size_, " and rank != ", rank_);
+}
+
+void ProcessGroupTCPX::dumpState() {
+  if (comm_) comm_->dumpState();
+  if (cuda_ && cuda_->comm) cuda_->comm->dumpState();
 }
 
 DeviceBreakdown ProcessGroupTCPX::deviceBreakdown() const {

@@ -65,8 +65,6 @@ class WorkTCPX : public c10d::Work {
   std::optional<c10::Stream> completionStream;
   // TCPX_CUDA_WAIT=host: wait() blocks the host until the op is done.
   bool hostWait = false;
-  // The op's buffers, held until completion (CUDA ops; see enqueue).
-  std::vector<at::Tensor> held;
   // Replaces the Future with one that knows `device` (CUDA stream semantics
   // for then() callbacks and value()).
   void useDeviceFuture(c10::Device device);
@@ -185,6 +183,8 @@ class ProcessGroupTCPX : public c10d::Backend {
   // Time breakdown of this group's CUDA collectives so far (transport's
   // DeviceBreakdown; all zero before the first CUDA op).
   DeviceBreakdown deviceBreakdown() const;
+  // Logs the state of both communicators' workers (Communicator::dumpState).
+  void dumpState();
 
   uint64_t getSequenceNumberForGroup() override;
   void setSequenceNumberForGroup() override {}  // every rank starts at 0 already
@@ -199,8 +199,16 @@ class ProcessGroupTCPX : public c10d::Backend {
   // at the first use; all CUDA ops of a group must use one device). Raises
   // ValueError for another device.
   Communicator& commFor(const c10::Device& device, const char* op);
-  // Sets up a CUDA op: gate, completion flag wait, copies, completion event.
-  void prepareCuda(Task& task, WorkTCPX& work, const std::vector<at::Tensor>& keep, int peer);
+  // Sets up a CUDA op on the streams: ordering after the caller's stream,
+  // staging of sends, completion flag waits (point-to-point), copies back,
+  // the completion event. For a collective, returns what must follow its op
+  // kernel on the collective stream (launchCuda runs it).
+  std::function<void()> prepareCuda(Task& task, WorkTCPX& work,
+                                    const std::vector<at::Tensor>& keep, int peer);
+  // Launches the op kernel of a CUDA collective on the collective stream
+  // (transport/stage.h), then `after`; on a launch error the task fails and
+  // the error is raised.
+  void launchCuda(Task& task, const std::vector<std::function<void()>>& after);
   // An op raised while coalescing: torch will not call endCoalescing, so
   // the block ends here; collected collectives are cancelled (never sent)
   // and the batch Works fail. Point-to-point ops already issued go on.
@@ -236,6 +244,7 @@ class ProcessGroupTCPX : public c10d::Backend {
   c10::intrusive_ptr<c10d::Store> store_;
   CommOptions commOptions_;          // the CPU communicator's, the base of the CUDA one's
   std::string cudaWait_;             // TCPX_CUDA_WAIT: kernel | memop | host
+  int cudaBlocks_ = 8;               // TCPX_CUDA_BLOCKS
   CollConfig collConfig_;
   std::chrono::milliseconds timeout_;
   std::string groupName_;
@@ -246,6 +255,7 @@ class ProcessGroupTCPX : public c10d::Backend {
   std::vector<std::shared_ptr<Batch>> batches_;           // open batches, outermost first
   std::vector<std::shared_ptr<CollectiveTask>> pending_;  // collectives not started yet
   Communicator* pendingComm_ = nullptr;                   // the communicator they run on
+  std::vector<std::function<void()>> pendingAfter_;       // CUDA: their prepareCuda results
   std::vector<std::pair<uintptr_t, uintptr_t>> pendingRanges_;  // memory they touch
   c10::intrusive_ptr<WorkTCPX> abandoned_;  // the Work of a block that abandonCoalescing ended
 };

@@ -39,6 +39,9 @@ bootstrap through the store fails.)")
           "Called by new_group on ranks outside the new group when the default group has a "
           "bound device (NCCL needs them to join ncclCommSplit); tcpx needs nothing from them.",
           py::arg("device"))
+      .def("dump_state", &tcpx::ProcessGroupTCPX::dumpState,
+           "Logs (at WARN) what each worker of this group is doing or waiting for, for a hang: "
+           "how long ago it last looped, the running collective and the next one.")
       .def(
           "device_breakdown",
           [](tcpx::ProcessGroupTCPX& pg) {

@@ -6,9 +6,6 @@
 
 #include "collectives/algorithms.h"
 #include "collectives/reduce.h"
-#ifdef TCPX_WITH_CUDA
-#include "collectives/reduce_cuda.h"
-#endif
 #include "common/utils.h"
 #include "transport/message.h"
 
@@ -145,33 +142,21 @@ class Scratch {
 // order before the staging copies of the steps that follow).
 tcpxResult_t localCopy(DeviceStage* dev, void* dst, const void* src, size_t bytes) {
   if (!bytes || dst == src) return tcpxSuccess;
-  if (dev) return dev->copy(dst, src, bytes);
+  if (dev) return dev->copy(dst, src, bytes, /*serial=*/true);
   memmove(dst, src, bytes);
   return tcpxSuccess;
 }
 
 tcpxResult_t localScale(DeviceStage* dev, void* buf, size_t count, DataType dtype, double factor) {
-  if (!dev) {
-    scaleInPlace(buf, count, dtype, factor);
-    return tcpxSuccess;
-  }
-#ifdef TCPX_WITH_CUDA
-  return scaleOnDevice(buf, count, dtype, roundedScaleFactor(factor, dtype), dev->stream());
-#else
-  TCPX_ERR(tcpxInvalidUsage, "device buffers need a CUDA build of torch_tcpx");
-#endif
+  if (dev) return dev->scale(buf, count, dtype, roundedScaleFactor(factor, dtype));
+  scaleInPlace(buf, count, dtype, factor);
+  return tcpxSuccess;
 }
 
 tcpxResult_t localDivide(DeviceStage* dev, void* buf, size_t count, DataType dtype, int64_t n) {
-  if (!dev) {
-    divideInPlace(buf, count, dtype, n);
-    return tcpxSuccess;
-  }
-#ifdef TCPX_WITH_CUDA
-  return divideOnDevice(buf, count, dtype, n, dev->stream());
-#else
-  TCPX_ERR(tcpxInvalidUsage, "device buffers need a CUDA build of torch_tcpx");
-#endif
+  if (dev) return dev->divide(buf, count, dtype, n);
+  divideInPlace(buf, count, dtype, n);
+  return tcpxSuccess;
 }
 
 #define TCPX_ALLOC(var, scratch, bytes)                                                  \

@@ -189,6 +189,8 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
       TCPX_ERR(tcpxInvalidArgument,
                "TCPX_CUDA_WAIT='%s' is invalid: expected kernel, memop or host", v);
   }
+  if (const char* v = get("TCPX_CUDA_BLOCKS"))
+    TCPX_CHECK(parseInt("TCPX_CUDA_BLOCKS", v, 1, 64, &p.cudaBlocks));
   *out = p;
   return tcpxSuccess;
 }
@@ -220,11 +222,11 @@ std::string describeParams(const Params& p) {
       "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d TCPX_NTHREADS=%d "
       "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu TCPX_BUFFERS=%d TCPX_SLICE_BYTES=%zu "
       "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
-      "TCPX_CUDA_WAIT=%s",
+      "TCPX_CUDA_WAIT=%s TCPX_CUDA_BLOCKS=%d",
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,
       p.nthreads, p.nchannels, p.chunkBytes, p.buffers, p.sliceBytes, p.inlineBytes,
       p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs,
-      p.cudaWait.c_str());
+      p.cudaWait.c_str(), p.cudaBlocks);
 }
 
 }  // namespace tcpx

@@ -34,6 +34,7 @@ struct Params {
   int spinUs = 0;                           // TCPX_SPIN_US: busy-poll before blocking, microseconds
   std::string gpuNicMap;                    // TCPX_GPU_NIC_MAP (multi-NIC pairing override)
   std::string cudaWait = "kernel";          // TCPX_CUDA_WAIT: kernel | memop | host
+  int cudaBlocks = 8;                       // TCPX_CUDA_BLOCKS: thread blocks of a CUDA op kernel
 
   // The algorithm TCPX_ALGO forces for collective `coll` ("allreduce",
   // "broadcast", ...), or "" when it is left to size-based choice.

@@ -239,7 +239,35 @@ struct Communicator::Impl {
     r.code = code;
     r.message = msg;
     if (t->type == Task::Type::kRecv) r.srcRank = static_cast<const P2PTask&>(*t).srcRank;
+    endDeviceOp(*t);
     if (t->onComplete) t->onComplete(r);
+  }
+
+  // The op kernel of a device task exits once everything given to it has run.
+  void endDeviceOp(Task& t) {
+    if (!t.deviceOp || !stage()) return;
+    if (stage()->end(t.deviceOp) != tcpxSuccess)
+      TCPX_WARN("%s: %s", who().c_str(), lastError().c_str());
+    t.deviceOp = 0;
+  }
+
+  // Says once when the next collective has waited long for its GPU stream:
+  // a hang there is outside the network (a stream blocked by the caller).
+  Clock::time_point heldSince{};
+  void warnIfHeldBack(const Task& t) {
+    auto now = Clock::now();
+    if (heldSince == Clock::time_point{}) heldSince = now;
+    if (heldSince == Clock::time_point::max() || now - heldSince < std::chrono::seconds(10)) return;
+    heldSince = Clock::time_point::max();
+    TCPX_WARN("%s: %s has waited 10 s for the GPU to reach it (%s)", who().c_str(),
+              t.description.c_str(),
+              t.deviceOp && stage() ? stage()->describe(t.deviceOp).c_str() : "its gate is closed");
+  }
+
+  // A task may touch its buffers: its gate is open and its op kernel runs.
+  bool mayStart(const Task& t) const {
+    if (t.gate && !t.gate()) return false;
+    return !t.deviceOp || !stage() || stage()->started(t.deviceOp);
   }
 
   // ---------------------------------------------------------------- queue
@@ -505,6 +533,7 @@ struct Communicator::Impl {
     a.timeout = taskTimeout(*task);
     a.deadline = Clock::now() + a.timeout;
     a.sched.stage = stage();
+    if (stage()) stage()->bind(task->deviceOp);
     tcpxResult_t r = task->build ? task->build(&a.sched) : tcpxSuccess;
     if (r != tcpxSuccess) {
       // Peers may wait for this rank's part of the operation (or have sent
@@ -571,10 +600,12 @@ struct Communicator::Impl {
   bool progressCollective() {
     bool progressed = false;
     if (!active && !collQueue.empty()) {
-      if (collQueue.front()->gate && !collQueue.front()->gate()) {
+      if (!mayStart(*collQueue.front())) {
         pollDevice = true;
+        warnIfHeldBack(*collQueue.front());
         return progressed;
       }
+      heldSince = {};
       startCollective();
       progressed = true;
     }
@@ -650,7 +681,7 @@ struct Communicator::Impl {
             failActive(tcpxSystemError, strFormat("%s: out of pinned memory for staging", collName().c_str()));
             return true;
           }
-          if (dev->copy(f.pinned, st.buf, st.bytes) != tcpxSuccess ||
+          if (dev->copy(f.pinned, st.buf, st.bytes, /*serial=*/false) != tcpxSuccess ||
               dev->record(&f.ticket) != tcpxSuccess) {
             dev->freeHost(f.pinned);
             failOnDevice();
@@ -1027,7 +1058,7 @@ struct Communicator::Impl {
     Peer& peer = peers[p];
     for (auto& op : peer.p2pSends) {
       if (op->posted) continue;
-      if (op->task->gate && !op->task->gate()) {
+      if (!mayStart(*op->task)) {
         pollDevice = true;
         break;  // later sends to p wait behind it: order is kept
       }
@@ -1253,6 +1284,8 @@ struct Communicator::Impl {
       if (!ps.inflight.empty()) return strFormat("waiting for a send to rank %d to drain", ps.peer);
       if (!ps.unpacking.empty()) return strFormat("waiting for the GPU to unpack data from rank %d", ps.peer);
     }
+    if (a.sched.stage && a.task->deviceOp)
+      return strFormat("waiting for peers or the GPU: %s", a.sched.stage->describe(a.task->deviceOp).c_str());
     return "waiting for peers";
   }
 
@@ -1428,10 +1461,29 @@ struct Communicator::Impl {
   }
 
   // ---------------------------------------------------------------- worker
+  // dumpState(): the worker's last loop, and a request to log its state.
+  std::atomic<int64_t> lastLoopNs{0};
+  std::atomic<bool> dumpRequested{false};
+
+  void logState() {
+    std::string s = active ? strFormat("running %s (%s)", collName().c_str(), waitingFor().c_str())
+                           : std::string("no collective running");
+    if (!collQueue.empty()) {
+      const Task& t = *collQueue.front();
+      s += strFormat("; %zu queued, the next: %s (%s)", collQueue.size(), t.description.c_str(),
+                     mayStart(t) ? "may start"
+                     : t.deviceOp && stage() ? stage()->describe(t.deviceOp).c_str()
+                                             : "its gate is closed");
+    }
+    TCPX_WARN("%s: state: %s", who().c_str(), s.c_str());
+  }
+
   void loop() {
     pthread_setname_np(pthread_self(), "tcpx-worker");
     auto lastProgress = Clock::now();
     while (true) {
+      lastLoopNs = Clock::now().time_since_epoch().count();
+      if (dumpRequested.exchange(false)) logState();
       uint64_t seen = events.value();
       std::string abortReq;
       {
@@ -1583,6 +1635,7 @@ void Communicator::enqueue(std::shared_ptr<Task> task) {
     TaskResult r;
     r.code = tcpxRemoteError;
     r.message = abortMsg;
+    if (task->deviceOp && opts_.stage) opts_.stage->end(task->deviceOp);  // its kernel must exit
     if (task->onComplete) task->onComplete(r);
     return;
   }
@@ -1616,6 +1669,14 @@ void Communicator::shutdown() {
 uint64_t Communicator::collectivesIssued() const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->collectivesIssued;
+}
+
+void Communicator::dumpState() {
+  const int64_t last = impl_->lastLoopNs.load();
+  const double ago = (std::chrono::steady_clock::now().time_since_epoch().count() - last) / 1e6;
+  TCPX_WARN("rank %d of group '%s': worker last looped %.1f ms ago", opts_.rank, opts_.name.c_str(), ago);
+  impl_->dumpRequested = true;
+  impl_->events.notify();
 }
 
 DeviceBreakdown Communicator::deviceBreakdown() const {

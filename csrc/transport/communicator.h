@@ -101,6 +101,9 @@ class Communicator {
   std::string abortReason() const;
   // Time breakdown of the device collectives that completed so far.
   DeviceBreakdown deviceBreakdown() const;
+  // Diagnostics for a hang: logs (WARN) how long ago the worker last looped,
+  // and asks it to log what it is waiting for (which it does unless stuck).
+  void dumpState();
 
  private:
   explicit Communicator(const CommOptions& opts);

@@ -1,29 +1,44 @@
 // CudaStage: DeviceStage (transport/stage.h) on one CUDA device.
 //
-// What it must never do on the worker thread: wait for anything but its own
-// comm stream (caller streams may wait on the worker, through
-// streamWaitFlag), or call something that may synchronise the device or
-// block while a kernel runs: cudaFree, cudaFreeHost, cudaHostUnregister,
-// legacy-stream copies, creating streams or events (other projects saw
-// stream creation block while a wait kernel runs: pmodels/yaksa#228), lazy
-// module loading. Hence pinned memory is pooled and freed only in the
-// destructor, events are created up front, every kernel is loaded at init,
-// and device scratch comes from a stream-ordered memory pool of its own.
+// An op's device work runs in one kernel (the op kernel), launched by the
+// issuing thread on the op's stream. The worker talks to it through an op
+// record in mapped pinned host memory: a ring of 64-byte commands that the
+// kernel's blocks poll, and counters the kernel writes back (started, done,
+// exited). The worker therefore never calls CUDA, which matters because a
+// CUDA call may block while another thread of the process is inside a
+// synchronous one that waits for the op (tests/cuda/test_stage.cu shows both
+// a blocking copy and a first kernel launch doing that on H200). NCCL's
+// proxy thread and kernels talk the same way, through host-memory FIFOs.
+//
+// Commands of one op are split over the kernel's blocks: a command is cut
+// into 4 KiB pages (the loadMeta records of unpack.h for unpacks) and warp
+// w of the grid moves pages w, w + warps, ... Blocks run ahead of each other;
+// the worker orders dependent commands by tickets (a step waits for the
+// tickets of its predecessors), and serial commands (the collectives' local
+// steps) wait for everything before them and hold back everything after.
+// Block 0 reports a command done once every block has finished its part.
 #include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <deque>
+#include <atomic>
+#include <chrono>
 #include <map>
 #include <mutex>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "common/logging.h"
+#include "common/utils.h"
 #include "transport/stage.h"
 #include "transport/unpack.h"
+#include "transport/unpack_device.cuh"
 
 namespace tcpx {
 namespace {
+
+using namespace unpack_device;
 
 #define TCPX_CUDA_CHECK(call)                                                                  \
   do {                                                                                         \
@@ -33,6 +48,220 @@ namespace {
   } while (0)
 
 constexpr size_t kPage = 4096;
+constexpr int kOps = 128;          // op records: ops launched and not yet exited
+constexpr int kRing = 512;         // commands in flight per op
+constexpr int kOpThreads = 512;    // 16 warps per block
+constexpr int kWarpsPerBlock = kOpThreads / kWarp;
+constexpr uint64_t kIndexMask = (1u << 20) - 1;
+
+enum CmdType : uint32_t { kCmdCopy = 1, kCmdUnpack, kCmdReduce, kCmdScale, kCmdDivide, kCmdEnd };
+constexpr uint32_t kCmdSerial = 1;  // waits for every earlier command of the op
+
+// One command; `tag` is written last and names the op and the command's
+// index, so that a slot left over from an earlier op or lap never matches.
+struct alignas(64) Command {
+  uint64_t tag;
+  uint32_t type, flags;
+  uint32_t dtype, redop;
+  uint64_t dst, src, own;
+  uint64_t bytes;  // scale/divide: elements
+  union {
+    double factor;
+    int64_t divisor;
+  } arg;
+};
+static_assert(sizeof(Command) == 64, "a command is one cache line");
+
+__host__ __device__ inline uint64_t tagOf(uint64_t op, uint64_t index) {
+  return (op << 20) | ((index + 1) & kIndexMask);
+}
+
+// Mapped pinned host memory, one per op record.
+struct OpRecord {
+  alignas(64) volatile uint64_t started;  // GPU: the op id, once its kernel runs
+  alignas(64) volatile uint64_t done;     // GPU: commands of the op finished on every block
+  alignas(64) volatile uint64_t exited;   // GPU: the op id, once no block reads the record
+  Command ring[kRing];
+};
+
+// Device memory, one per op record: per-command arrivals of the blocks, and
+// `done` again where the blocks read it cheaply (serial commands).
+struct RecordState {
+  unsigned int arrive[kRing];
+  unsigned long long done;
+};
+
+__device__ __forceinline__ uint64_t loadAcquireSys(const volatile uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void storeReleaseSys(volatile uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// ------------------------------------------------- element-wise commands
+
+template <class T>
+struct Conv {  // float/double/integers: computed in their own type
+  using C = T;
+  __device__ static C in(T v) { return v; }
+  __device__ static T out(C v) { return v; }
+};
+template <>
+struct Conv<__half> {
+  using C = float;
+  __device__ static float in(__half v) { return __half2float(v); }
+  __device__ static __half out(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Conv<__nv_bfloat16> {
+  using C = float;
+  __device__ static float in(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 out(float v) { return __float2bfloat16_rn(v); }
+};
+
+// buf[i] *= factor, or buf[i] /= divisor, for the grid's share of `count`.
+template <class T>
+__device__ void scaleElements(T* buf, uint64_t count, double factor, int64_t divisor, bool divide) {
+  using C = typename Conv<T>::C;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += stride) {
+    if constexpr (std::is_integral<T>::value) {  // AVG only: truncating, in 64 bits
+      buf[i] = static_cast<T>(static_cast<long long>(buf[i]) / divisor);
+    } else {
+      const C v = Conv<T>::in(buf[i]);
+      buf[i] = Conv<T>::out(divide ? static_cast<C>(v / static_cast<C>(divisor))
+                                   : static_cast<C>(v * static_cast<C>(factor)));
+    }
+  }
+}
+
+__device__ void scaleAs(const Command& c) {
+  const bool divide = c.type == kCmdDivide;
+  void* b = reinterpret_cast<void*>(c.dst);
+  switch (static_cast<DataType>(c.dtype)) {
+    case DataType::kFloat32: scaleElements(static_cast<float*>(b), c.bytes, c.arg.factor, c.arg.divisor, divide); break;
+    case DataType::kFloat64: scaleElements(static_cast<double*>(b), c.bytes, c.arg.factor, c.arg.divisor, divide); break;
+    case DataType::kFloat16: scaleElements(static_cast<__half*>(b), c.bytes, c.arg.factor, c.arg.divisor, divide); break;
+    case DataType::kBFloat16: scaleElements(static_cast<__nv_bfloat16*>(b), c.bytes, c.arg.factor, c.arg.divisor, divide); break;
+    case DataType::kInt8: scaleElements(static_cast<int8_t*>(b), c.bytes, 0.0, c.arg.divisor, true); break;
+    case DataType::kInt16: scaleElements(static_cast<int16_t*>(b), c.bytes, 0.0, c.arg.divisor, true); break;
+    case DataType::kInt32: scaleElements(static_cast<int32_t*>(b), c.bytes, 0.0, c.arg.divisor, true); break;
+    case DataType::kInt64: scaleElements(static_cast<int64_t*>(b), c.bytes, 0.0, c.arg.divisor, true); break;
+    case DataType::kUInt8: scaleElements(static_cast<uint8_t*>(b), c.bytes, 0.0, c.arg.divisor, true); break;
+    case DataType::kBool: break;  // refused on the host
+  }
+}
+
+// This block's part of command `c`.
+__device__ void runCommand(const Command& c, const LoadMeta* pages) {
+  const int lane = threadIdx.x % kWarp;
+  const uint64_t warp = blockIdx.x * static_cast<uint64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const uint64_t warps = static_cast<uint64_t>(gridDim.x) * kWarpsPerBlock;
+  char* dst = reinterpret_cast<char*>(c.dst);
+  const char* src = reinterpret_cast<const char*>(c.src);
+  switch (c.type) {
+    case kCmdCopy: {  // any size: pages computed, not read
+      const uint64_t n = (c.bytes + kPage - 1) / kPage;
+      for (uint64_t p = warp; p < n; p += warps) {
+        const uint64_t off = p * kPage;
+        copyFragment(dst + off, src + off, static_cast<uint32_t>(c.bytes - off < kPage ? c.bytes - off : kPage), lane);
+      }
+      break;
+    }
+    case kCmdUnpack:
+    case kCmdReduce: {  // the page records of a chunk, cut at its length
+      const uint64_t n = (c.bytes + kPage - 1) / kPage;
+      const char* own = c.own ? reinterpret_cast<const char*>(c.own) : dst;
+      for (uint64_t p = warp; p < n; p += warps) {
+        const LoadMeta m = loadMeta(pages + p, c.bytes);
+        if (c.type == kCmdUnpack) copyFragment(dst + m.dstOff, src + m.srcOff, m.len, lane);
+        else reduceFragmentAs(static_cast<DataType>(c.dtype), m, src, dst, own,
+                              static_cast<RedOp>(c.redop), lane);
+      }
+      break;
+    }
+    case kCmdScale:
+    case kCmdDivide: scaleAs(c); break;
+  }
+}
+
+// The op kernel: runs op `op`'s commands from `rec` until its END.
+__global__ void __launch_bounds__(kOpThreads) opKernel(OpRecord* rec, RecordState* st, uint64_t op,
+                                                       const LoadMeta* pages) {
+  __shared__ Command cmd;
+  if (blockIdx.x == 0 && threadIdx.x == 0) storeReleaseSys(&rec->started, op);
+  uint64_t i = 0;
+  for (;; i++) {
+    if (threadIdx.x == 0) {
+      volatile Command* c = &rec->ring[i % kRing];
+      const uint64_t want = tagOf(op, i);
+      for (int spins = 0; loadAcquireSys(&c->tag) != want; spins++)
+        if (spins > 16) __nanosleep(spins > 4096 ? 2000 : 100);
+      cmd.type = c->type;
+      cmd.flags = c->flags;
+      cmd.dtype = c->dtype;
+      cmd.redop = c->redop;
+      cmd.dst = c->dst;
+      cmd.src = c->src;
+      cmd.own = c->own;
+      cmd.bytes = c->bytes;
+      cmd.arg.divisor = c->arg.divisor;  // the union's bits
+      if (cmd.flags & kCmdSerial)
+        while (*reinterpret_cast<volatile unsigned long long*>(&st->done) < i) __nanosleep(100);
+    }
+    __syncthreads();
+    if (cmd.type == kCmdEnd) break;
+    runCommand(cmd, pages);
+    __syncthreads();  // the block's part is written, and cmd may be reused
+    if (threadIdx.x == 0) {
+      __threadfence_system();  // the block's writes (host or device) before its arrival
+      atomicAdd(&st->arrive[i % kRing], 1u);
+      if (blockIdx.x == 0) {
+        volatile unsigned int* a = &st->arrive[i % kRing];
+        while (*a < gridDim.x) {
+        }
+        *a = 0;
+        *reinterpret_cast<volatile unsigned long long*>(&st->done) = i + 1;
+        __threadfence_system();
+        storeReleaseSys(&rec->done, i + 1);
+      }
+    }
+  }
+  // END: the last block to get here resets the state for the record's next op.
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&st->arrive[i % kRing], 1u) == gridDim.x - 1) {
+      st->arrive[i % kRing] = 0;
+      *reinterpret_cast<volatile unsigned long long*>(&st->done) = 0;
+      __threadfence_system();
+      storeReleaseSys(&rec->exited, op);
+    }
+  }
+}
+
+// Page-sized loadMeta records covering `count` pages of a chunk (the same
+// offset in the bounce buffer and the destination).
+__global__ void pageMetasKernel(LoadMeta* metas, int count) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    metas[i].srcOff = static_cast<uint32_t>(i * kPage);
+    metas[i].len = static_cast<uint32_t>(kPage);
+    metas[i].dstOff = static_cast<uint64_t>(i) * kPage;
+  }
+}
+
+__global__ void waitFlagKernel(const volatile uint32_t* flag, uint32_t target) {
+  while (static_cast<int32_t>(*flag - target) < 0) __nanosleep(1000);
+  __threadfence_system();
+}
+
+__global__ void writeFlagKernel(volatile uint32_t* flag, uint32_t value) {
+  __threadfence_system();
+  *flag = value;
+  __threadfence_system();
+}
 
 // Switches the calling thread to `device` and back (methods that callers'
 // threads use must not change their current device).
@@ -51,73 +280,74 @@ class DeviceGuard {
   int prev_ = -1;
 };
 
-// Page-sized loadMeta records covering `count` pages of a chunk (the same
-// offset in the bounce buffer and the destination).
-__global__ void pageMetasKernel(LoadMeta* metas, int count) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
-    metas[i].srcOff = static_cast<uint32_t>(i * kPage);
-    metas[i].len = static_cast<uint32_t>(kPage);
-    metas[i].dstOff = static_cast<uint64_t>(i) * kPage;
-  }
-}
-
-__global__ void waitFlagKernel(const volatile uint32_t* flag, uint32_t target) {
-  while (static_cast<int32_t>(*flag - target) < 0) __nanosleep(1000);
-  __threadfence_system();
+// Pinned and device blocks come in power-of-two sizes, so freed ones fit later requests.
+size_t bucket(size_t bytes, size_t least) {
+  size_t b = least;
+  while (b < bytes) b <<= 1;
+  return b;
 }
 
 class CudaStage final : public DeviceStage {
  public:
-  explicit CudaStage(int device) : dev_(device) {}
+  CudaStage(int device, int blocks) : dev_(device), blocks_(std::max(1, blocks)) {}
 
-  tcpxResult_t init(int priority) {
-    TCPX_CUDA_CHECK(cudaSetDevice(dev_));
-    TCPX_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
-    cudaMemPoolProps props = {};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = dev_;
-    TCPX_CUDA_CHECK(cudaMemPoolCreate(&pool_, &props));
-    uint64_t keep = UINT64_MAX;  // keep freed scratch for the next op
-    TCPX_CUDA_CHECK(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep));
-    // Every kernel the stage (and a waiting stream) will launch, loaded now:
-    // see preloadUnpackKernels.
+  tcpxResult_t init() {
+    DeviceGuard g(dev_);
+    // Every kernel loaded now, not at its first launch (lazy loading may
+    // synchronise the context while an op kernel waits for the worker).
     TCPX_CHECK(preloadUnpackKernels());
     cudaFuncAttributes attr;
+    TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, opKernel));
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, pageMetasKernel));
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, waitFlagKernel));
-    // Page records for the largest chunk TCPX_CHUNK_BYTES allows (256 MiB:
-    // 1 MiB of records), so that the worker never allocates them later.
-    TCPX_CHECK(ensureMetas(static_cast<int>((size_t{256} << 20) / kPage)));
-    for (int i = 0; i < kEvents; i++) {
-      cudaEvent_t ev;
-      TCPX_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-      freeEvents_.push_back(ev);
-    }
-    TCPX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, writeFlagKernel));
+    TCPX_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&recs_), sizeof(OpRecord) * kOps,
+                                  cudaHostAllocMapped | cudaHostAllocPortable));
+    memset(static_cast<void*>(recs_), 0, sizeof(OpRecord) * kOps);
+    TCPX_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&states_), sizeof(RecordState) * kOps));
+    TCPX_CUDA_CHECK(cudaMemset(states_, 0, sizeof(RecordState) * kOps));
+    // Page records for the largest chunk TCPX_CHUNK_BYTES allows (256 MiB).
+    metaCount_ = static_cast<int>((size_t{256} << 20) / kPage);
+    TCPX_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&metas_), metaCount_ * sizeof(LoadMeta)));
+    pageMetasKernel<<<(metaCount_ + 255) / 256, 256>>>(metas_, metaCount_);
+    TCPX_CUDA_CHECK(cudaGetLastError());
+    TCPX_CUDA_CHECK(cudaDeviceSynchronize());
     return tcpxSuccess;
   }
 
   ~CudaStage() override {
-    cudaSetDevice(dev_);
-    if (metas_) cudaFreeAsync(metas_, stream_);
-    if (stream_) cudaStreamSynchronize(stream_);
-    for (auto& e : inflight_) cudaEventDestroy(e.second);
-    for (cudaEvent_t e : freeEvents_) cudaEventDestroy(e);
+    // Kernels still reading a record must exit before its memory goes.
+    bool clean = true;
+    for (int r = 0; r < kOps; r++) {
+      if (!slots_[r].op) continue;
+      if (!slots_[r].ended) end(slots_[r].op);
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (recs_[r].exited != slots_[r].op && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::yield();
+      clean &= recs_[r].exited == slots_[r].op;
+    }
+    if (!clean) {
+      TCPX_WARN("CUDA stage: an op kernel did not exit; its memory is left allocated");
+      return;
+    }
+    DeviceGuard g(dev_);
+    cudaFree(metas_);
+    cudaFree(states_);
+    cudaFreeHost(recs_);
+    for (auto& kv : freeDev_)
+      for (void* p : kv.second) cudaFree(p);
     for (auto& kv : freeHost_)
       for (void* p : kv.second) cudaFreeHost(p);
     for (auto& kv : hostSize_)
       if (!kv.second.second) cudaFreeHost(kv.first);  // still handed out: freed anyway
-    if (stream_) cudaStreamDestroy(stream_);
-    if (pool_) cudaMemPoolDestroy(pool_);
   }
 
   int device() const override { return dev_; }
-  void* stream() const override { return stream_; }
 
+  // ------------------------------------------------------------- memory
   void* allocHost(size_t bytes) override {
     std::lock_guard<std::mutex> lk(hostMu_);
-    size_t size = bucket(bytes);
+    size_t size = bucket(bytes, 64 * 1024);
     auto& list = freeHost_[size];
     if (!list.empty()) {
       void* p = list.back();
@@ -158,123 +388,250 @@ class CudaStage final : public DeviceStage {
   }
 
   void* allocDevice(size_t bytes) override {
-    void* p = nullptr;
+    const size_t size = bucket(std::max<size_t>(bytes, 1), 256);
+    {
+      std::lock_guard<std::mutex> lk(devMu_);
+      auto& list = freeDev_[size];
+      if (!list.empty()) {
+        void* p = list.back();
+        list.pop_back();
+        return p;
+      }
+    }
     DeviceGuard g(dev_);
-    if (cudaMallocFromPoolAsync(&p, std::max<size_t>(bytes, 1), pool_, stream_) != cudaSuccess) {
+    void* p = nullptr;
+    if (cudaMalloc(&p, size) != cudaSuccess) {
       cudaGetLastError();
       return nullptr;
     }
+    std::lock_guard<std::mutex> lk(devMu_);
+    devSize_[p] = size;
     return p;
   }
 
   void freeDevice(void* p) override {
     if (!p) return;
-    DeviceGuard g(dev_);
-    cudaFreeAsync(p, stream_);
+    std::lock_guard<std::mutex> lk(devMu_);
+    auto it = devSize_.find(p);
+    if (it != devSize_.end()) freeDev_[it->second].push_back(p);
   }
 
-  tcpxResult_t copy(void* dst, const void* src, size_t bytes) override {
-    if (!bytes || dst == src) return tcpxSuccess;
-    TCPX_CUDA_CHECK(cudaSetDevice(dev_));
-    TCPX_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_));
+  // ---------------------------------------------------------------- ops
+  tcpxResult_t launch(void* stream, uint64_t* op) override {
+    int r = -1;
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        for (int k = 0; k < kOps && r < 0; k++) {
+          int c = (nextRecord_ + k) % kOps;
+          if (!slots_[c].op || (slots_[c].ended && recs_[c].exited == slots_[c].op)) r = c;
+        }
+        if (r >= 0) {
+          nextRecord_ = (r + 1) % kOps;
+          *op = (++serial_ << 8) | static_cast<uint64_t>(r);
+          slots_[r] = Slot{*op, 0, false, false};
+          recs_[r].done = 0;
+          break;
+        }
+      }
+      std::this_thread::yield();  // kOps ops in flight: wait for the oldest
+    }
+    DeviceGuard g(dev_);
+    opKernel<<<blocks_, kOpThreads, 0, static_cast<cudaStream_t>(stream)>>>(&recs_[r], &states_[r],
+                                                                           *op, metas_);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+      std::lock_guard<std::mutex> lk(mu_);
+      slots_[r] = Slot{};
+      TCPX_ERR(tcpxUnhandledCudaError, "launching the op kernel failed: %s", cudaGetErrorString(e));
+    }
     return tcpxSuccess;
+  }
+
+  bool started(uint64_t op) override { return recs_[op & 0xff].started == op; }
+
+  void bind(uint64_t op) override { bound_ = op; }
+
+  tcpxResult_t end(uint64_t op) override {
+    Command c{};
+    c.type = kCmdEnd;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      Slot& s = slots_[op & 0xff];
+      if (s.op != op || s.ended) TCPX_ERR(tcpxInternalError, "CUDA stage: op %llu ended twice", (unsigned long long)op);
+      s.ended = true;
+    }
+    if (bound_ == op) bound_ = 0;
+    return post(op, c);
+  }
+
+  // --------------------------------------------------------------- work
+  tcpxResult_t copy(void* dst, const void* src, size_t bytes, bool serial) override {
+    if (!bytes || dst == src) return tcpxSuccess;
+    Command c{};
+    c.type = kCmdCopy;
+    c.flags = serial ? kCmdSerial : 0;
+    c.dst = reinterpret_cast<uint64_t>(dst);
+    c.src = reinterpret_cast<uint64_t>(src);
+    c.bytes = bytes;
+    return postBound(c, serial);
   }
 
   tcpxResult_t unpack(void* dst, const void* own, const void* bounce, size_t bytes, bool reduce,
                       DataType dtype, RedOp op) override {
     if (!bytes) return tcpxSuccess;
-    TCPX_CUDA_CHECK(cudaSetDevice(dev_));
-    const int pages = static_cast<int>((bytes + kPage - 1) / kPage);
-    TCPX_CHECK(ensureMetas(pages));
-    if (!reduce) return unpackCopy(metas_, pages, bounce, dst, stream_, bytes);
-    return unpackReduce(metas_, pages, bounce, dst, dtype, op, stream_, own, bytes);
+    if (bytes > static_cast<size_t>(metaCount_) * kPage)
+      TCPX_ERR(tcpxInvalidArgument, "unpack of %zu bytes: chunks are at most %zu bytes", bytes,
+               static_cast<size_t>(metaCount_) * kPage);
+    if (reduce && !redOpSupported(op, dtype))
+      TCPX_ERR(tcpxInvalidArgument, "unpack: ReduceOp.%s is not supported for %s", redOpName(op),
+               dataTypeName(dtype));
+    Command c{};
+    c.type = reduce ? kCmdReduce : kCmdUnpack;
+    c.dtype = static_cast<uint32_t>(dtype);
+    c.redop = static_cast<uint32_t>(op);
+    c.dst = reinterpret_cast<uint64_t>(dst);
+    c.src = reinterpret_cast<uint64_t>(bounce);
+    c.own = reinterpret_cast<uint64_t>(own);
+    c.bytes = bytes;
+    return postBound(c, false);
+  }
+
+  tcpxResult_t scale(void* buf, size_t count, DataType dtype, double factor) override {
+    if (!isFloating(dtype))
+      TCPX_ERR(tcpxInternalError, "PREMUL_SUM scaling is not defined for %s", dataTypeName(dtype));
+    if (!count) return tcpxSuccess;
+    Command c{};
+    c.type = kCmdScale;
+    c.flags = kCmdSerial;
+    c.dtype = static_cast<uint32_t>(dtype);
+    c.dst = reinterpret_cast<uint64_t>(buf);
+    c.bytes = count;
+    c.arg.factor = factor;
+    return postBound(c, true);
+  }
+
+  tcpxResult_t divide(void* buf, size_t count, DataType dtype, int64_t divisor) override {
+    if (dtype == DataType::kBool || divisor <= 0)
+      TCPX_ERR(tcpxInternalError, "AVG by %lld is not defined for %s", (long long)divisor,
+               dataTypeName(dtype));
+    if (!count) return tcpxSuccess;
+    Command c{};
+    c.type = kCmdDivide;
+    c.flags = kCmdSerial;
+    c.dtype = static_cast<uint32_t>(dtype);
+    c.dst = reinterpret_cast<uint64_t>(buf);
+    c.bytes = count;
+    c.arg.divisor = divisor;
+    return postBound(c, true);
   }
 
   tcpxResult_t record(uint64_t* ticket) override {
-    TCPX_CUDA_CHECK(cudaSetDevice(dev_));
-    cudaEvent_t ev;
-    if (freeEvents_.empty()) {
-      // Every ticket of kEvents is still pending: retire the oldest first
-      // (tickets complete in order) rather than create an event now.
-      TCPX_CUDA_CHECK(cudaEventSynchronize(inflight_.front().second));
-      bool done;
-      TCPX_CHECK(query(inflight_.front().first, &done));
-    }
-    ev = freeEvents_.back();
-    freeEvents_.pop_back();
-    TCPX_CUDA_CHECK(cudaEventRecord(ev, stream_));
-    *ticket = ++recorded_;
-    inflight_.emplace_back(*ticket, ev);
+    if (!bound_) TCPX_ERR(tcpxInternalError, "CUDA stage: no op bound");
+    std::lock_guard<std::mutex> lk(mu_);
+    *ticket = slots_[bound_ & 0xff].posted;
     return tcpxSuccess;
   }
 
   tcpxResult_t query(uint64_t ticket, bool* done) override {
-    while (!inflight_.empty() && inflight_.front().first <= ticket) {
-      cudaError_t e = cudaEventQuery(inflight_.front().second);
-      if (e == cudaErrorNotReady) break;
-      if (e != cudaSuccess)
-        TCPX_ERR(tcpxUnhandledCudaError, "CUDA work of the comm stream failed: %s",
-                 cudaGetErrorString(e));
-      completed_ = inflight_.front().first;
-      freeEvents_.push_back(inflight_.front().second);
-      inflight_.pop_front();
-    }
-    if (inflight_.empty()) completed_ = recorded_;
-    *done = ticket <= completed_;
+    *done = !bound_ || recs_[bound_ & 0xff].done >= ticket;
     return tcpxSuccess;
+  }
+
+  std::string describe(uint64_t op) override {
+    const OpRecord& rec = recs_[op & 0xff];
+    uint64_t posted;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (slots_[op & 0xff].op != op) return "op over";
+      posted = slots_[op & 0xff].posted;
+    }
+    const bool started = rec.started == op, exited = rec.exited == op;
+    return strFormat("op kernel %s, %llu of %llu commands done",
+                     exited ? "exited" : started ? "running" : "not started (its stream has not reached it)",
+                     static_cast<unsigned long long>(started ? rec.done : 0),
+                     static_cast<unsigned long long>(posted));
   }
 
   tcpxResult_t synchronize() override {
-    TCPX_CUDA_CHECK(cudaSetDevice(dev_));
-    TCPX_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    bool done;
-    return query(recorded_, &done);
-  }
-
- private:
-  // Pinned blocks come in power-of-two sizes from 64 KiB, so freed ones fit later requests.
-  static size_t bucket(size_t bytes) {
-    size_t b = 64 * 1024;
-    while (b < bytes) b <<= 1;
-    return b;
-  }
-
-  tcpxResult_t ensureMetas(int pages) {
-    if (pages <= metaCount_) return tcpxSuccess;
-    int want = std::max(pages, 2048);  // 8 MiB chunks, the plugin path's 2048 records
-    LoadMeta* m = nullptr;
-    TCPX_CUDA_CHECK(cudaMallocFromPoolAsync(reinterpret_cast<void**>(&m), want * sizeof(LoadMeta),
-                                            pool_, stream_));
-    pageMetasKernel<<<(want + 255) / 256, 256, 0, stream_>>>(m, want);
-    TCPX_CUDA_CHECK(cudaGetLastError());
-    if (metas_) cudaFreeAsync(metas_, stream_);  // stream order: after the unpacks that read it
-    metas_ = m;
-    metaCount_ = want;
+    if (!bound_) return tcpxSuccess;
+    uint64_t t;
+    TCPX_CHECK(record(&t));
+    while (recs_[bound_ & 0xff].done < t) std::this_thread::yield();
     return tcpxSuccess;
   }
 
-  // Tickets in flight at most: a few per bounce buffer and peer.
-  static constexpr int kEvents = 4096;
+ private:
+  struct Slot {
+    uint64_t op = 0;
+    uint64_t posted = 0;      // commands given (END included)
+    bool ended = false;
+    bool serialNext = false;  // the next command waits for a serial one
+  };
+
+  static bool isFloating(DataType t) {
+    return t == DataType::kFloat32 || t == DataType::kFloat64 || t == DataType::kFloat16 ||
+           t == DataType::kBFloat16;
+  }
+
+  tcpxResult_t postBound(Command& c, bool serial) {
+    if (!bound_) TCPX_ERR(tcpxInternalError, "CUDA stage: device work outside an op");
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      Slot& s = slots_[bound_ & 0xff];
+      if (s.serialNext) c.flags |= kCmdSerial;
+      s.serialNext = serial;
+    }
+    return post(bound_, c);
+  }
+
+  // Writes `c` into op's ring once its slot is free (the kernel runs once
+  // the op is bound, so a full ring drains).
+  tcpxResult_t post(uint64_t op, Command& c) {
+    const int r = static_cast<int>(op & 0xff);
+    uint64_t index;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      index = slots_[r].posted++;
+    }
+    while (recs_[r].done + kRing <= index) std::this_thread::yield();
+    Command* slot = &recs_[r].ring[index % kRing];
+    c.tag = 0;
+    // The body first, the tag last with release order (x86 keeps store order;
+    // the fence keeps the compiler from reordering).
+    memcpy(reinterpret_cast<char*>(slot) + 8, reinterpret_cast<const char*>(&c) + 8,
+           sizeof(Command) - 8);
+    std::atomic_thread_fence(std::memory_order_release);
+    __atomic_store_n(&slot->tag, tagOf(op, index), __ATOMIC_RELEASE);
+    return tcpxSuccess;
+  }
+
   const int dev_;
-  cudaStream_t stream_ = nullptr;
-  cudaMemPool_t pool_ = nullptr;
+  const int blocks_;
+  OpRecord* recs_ = nullptr;
+  RecordState* states_ = nullptr;
   LoadMeta* metas_ = nullptr;
   int metaCount_ = 0;
-  // Tickets: events recorded on the stream, oldest first.
-  std::deque<std::pair<uint64_t, cudaEvent_t>> inflight_;
-  std::vector<cudaEvent_t> freeEvents_;
-  uint64_t recorded_ = 0, completed_ = 0;
+  std::mutex mu_;  // slots_, nextRecord_, serial_
+  Slot slots_[kOps];
+  int nextRecord_ = 0;
+  uint64_t serial_ = 0;
+  std::atomic<uint64_t> bound_{0};  // worker only; atomic for end() from other threads
   // Pinned memory: size and "is free" of every block, free blocks by size.
   std::mutex hostMu_;
   std::map<void*, std::pair<size_t, bool>> hostSize_;
   std::map<size_t, std::vector<void*>> freeHost_;
+  // Device scratch: size of every block, free blocks by size.
+  std::mutex devMu_;
+  std::map<void*, size_t> devSize_;
+  std::map<size_t, std::vector<void*>> freeDev_;
 };
 
 }  // namespace
 
-tcpxResult_t createCudaStage(int device, int priority, std::shared_ptr<DeviceStage>* out) {
-  auto s = std::make_shared<CudaStage>(device);
-  TCPX_CHECK(s->init(priority));
+tcpxResult_t createCudaStage(int device, int blocks, std::shared_ptr<DeviceStage>* out) {
+  auto s = std::make_shared<CudaStage>(device, blocks);
+  TCPX_CHECK(s->init());
   *out = s;
   return tcpxSuccess;
 }
@@ -317,6 +674,14 @@ tcpxResult_t streamWaitFlag(const volatile uint32_t* flag, uint32_t target, void
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess)
     TCPX_ERR(tcpxUnhandledCudaError, "launching the completion wait failed: %s", cudaGetErrorString(e));
+  return tcpxSuccess;
+}
+
+tcpxResult_t streamWriteFlag(volatile uint32_t* flag, uint32_t value, void* stream) {
+  writeFlagKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(flag, value);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    TCPX_ERR(tcpxUnhandledCudaError, "launching the flag write failed: %s", cudaGetErrorString(e));
   return tcpxSuccess;
 }
 

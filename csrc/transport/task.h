@@ -37,9 +37,14 @@ class Task {
   std::function<void(const TaskResult&)> onComplete;
   // Optional: polled by the worker before the task touches its buffers
   // (collectives, sends); the task starts once it returns true. The CUDA
-  // path uses it for "the caller's stream has reached this op" (an event
-  // query), so that no stream ever waits for the worker's own stream.
+  // path's sends use it for "the staging copy is done" (a flag the GPU
+  // writes). It must not call CUDA (transport/stage.h says why).
   std::function<bool()> gate;
+  // Collectives of a device communicator: the stage op (DeviceStage::launch)
+  // whose kernel runs this task's device work; the task starts once that
+  // kernel runs, and the communicator ends the op when the task completes,
+  // however it ends. 0: none.
+  uint64_t deviceOp = 0;
 };
 
 class CollectiveTask : public Task {

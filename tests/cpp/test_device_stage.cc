@@ -33,7 +33,6 @@ class FakeStage : public DeviceStage {
     for (void* p : host_) free(p);
   }
   int device() const override { return 0; }
-  void* stream() const override { return nullptr; }
 
   void* allocHost(size_t bytes) override {
     std::lock_guard<std::mutex> lk(mu_);
@@ -53,15 +52,44 @@ class FakeStage : public DeviceStage {
   void* allocDevice(size_t bytes) override { return malloc(bytes ? bytes : 1); }
   void freeDevice(void* p) override { free(p); }
 
-  tcpxResult_t copy(void* dst, const void* src, size_t bytes) override {
+  // Ops: the kernel "runs" unless held; work outside a bound op is refused.
+  tcpxResult_t launch(void*, uint64_t* op) override {
     std::lock_guard<std::mutex> lk(mu_);
+    *op = ++launched_;
+    return tcpxSuccess;
+  }
+  bool started(uint64_t) override { return !held_; }
+  void bind(uint64_t op) override { bound_ = op; }
+  tcpxResult_t end(uint64_t op) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (op == 0 || op > launched_ || !ended_.insert(op).second) badEnds_++;
+    if (bound_ == op) bound_ = 0;
+    return tcpxSuccess;
+  }
+
+  tcpxResult_t copy(void* dst, const void* src, size_t bytes, bool) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    TCPX_CHECK(checkBound());
     queue_.push_back([=] { memmove(dst, src, bytes); });
     copies_++;
+    return tcpxSuccess;
+  }
+  tcpxResult_t scale(void* buf, size_t count, DataType dtype, double factor) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    TCPX_CHECK(checkBound());
+    queue_.push_back([=] { scaleInPlace(buf, count, dtype, factor); });
+    return tcpxSuccess;
+  }
+  tcpxResult_t divide(void* buf, size_t count, DataType dtype, int64_t divisor) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    TCPX_CHECK(checkBound());
+    queue_.push_back([=] { divideInPlace(buf, count, dtype, divisor); });
     return tcpxSuccess;
   }
   tcpxResult_t unpack(void* dst, const void* own, const void* bounce, size_t bytes, bool reduce,
                       DataType dtype, RedOp op) override {
     std::lock_guard<std::mutex> lk(mu_);
+    TCPX_CHECK(checkBound());
     queue_.push_back([=] {
       if (!reduce) {
         memcpy(dst, bounce, bytes);
@@ -84,12 +112,23 @@ class FakeStage : public DeviceStage {
     *done = enqueued_ >= ticket;
     return tcpxSuccess;
   }
+  std::string describe(uint64_t) override { return "fake"; }
   tcpxResult_t synchronize() override {
     std::lock_guard<std::mutex> lk(mu_);
     while (!queue_.empty()) runOne();
     return tcpxSuccess;
   }
 
+  void hold(bool h) { held_ = h; }
+  // Every launched op ended exactly once.
+  bool opsBalanced() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return badEnds_ == 0 && ended_.size() == launched_;
+  }
+  uint64_t launched() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return launched_;
+  }
   int copies() const { return copies_; }
   int unpacks() const { return unpacks_; }
   int reserved() const { return reserved_; }
@@ -99,6 +138,10 @@ class FakeStage : public DeviceStage {
   }
 
  private:
+  tcpxResult_t checkBound() {
+    if (!bound_) TCPX_ERR(tcpxInternalError, "fake stage: device work outside an op");
+    return tcpxSuccess;
+  }
   void runOne() {
     queue_.front()();
     queue_.pop_front();
@@ -108,6 +151,11 @@ class FakeStage : public DeviceStage {
   std::deque<std::function<void()>> queue_;
   uint64_t enqueued_ = 0;  // items run so far
   std::set<void*> host_;
+  uint64_t launched_ = 0;
+  std::set<uint64_t> ended_;
+  int badEnds_ = 0;
+  std::atomic<bool> held_{false};
+  std::atomic<uint64_t> bound_{0};
   std::atomic<int> copies_{0}, unpacks_{0}, reserved_{0}, hostAllocs_{0};
 };
 
@@ -133,7 +181,15 @@ struct StagedGroup {
   std::vector<std::unique_ptr<Communicator>>& comms;
 };
 
-TaskResult run(Communicator& comm, std::shared_ptr<Task> task) { return startTask(comm, task).get(); }
+// Issues `task` as c10d does for CUDA tensors: with an op of the rank's stage.
+std::future<TaskResult> issue(Communicator& comm, std::shared_ptr<Task> task) {
+  uint64_t op = 0;
+  EXPECT_EQ(comm.stage()->launch(nullptr, &op), tcpxSuccess);
+  task->deviceOp = op;
+  return startTask(comm, task);
+}
+
+TaskResult run(Communicator& comm, std::shared_ptr<Task> task) { return issue(comm, task).get(); }
 
 // Rank r's element i: a small integer, so float sums are exact.
 float input(int r, size_t i) { return static_cast<float>((r * 7 + static_cast<int>(i % 113)) % 61); }
@@ -180,6 +236,7 @@ TEST_P(DeviceStageTest, AllreduceSumAndMaxMatchReference) {
     EXPECT_GT(s->unpacks(), 0);
     EXPECT_EQ(s->pending(), 0u) << "device work left behind after the ops completed";
     EXPECT_EQ(s->reserved(), std::min(n - 1, 4) * kBuffers * 2);
+    EXPECT_TRUE(s->opsBalanced()) << "an op kernel would not exit";
   }
   // The breakdown counts every device collective, and the lagging stream
   // kept staging copies and unpacks in flight for a while.
@@ -257,37 +314,32 @@ TEST_P(DeviceStageTest, DataMovementAndReductionsMatchReference) {
   });
 }
 
-// A task does not start before its gate opens (the CUDA path's "the
-// caller's stream has reached the op"), and then completes normally.
-TEST_P(DeviceStageTest, GateHoldsTheTaskBack) {
+// A task does not start before its op kernel runs (the caller's stream has
+// reached the op), and then completes normally.
+TEST_P(DeviceStageTest, TaskWaitsForItsKernel) {
   const int n = GetParam();
   StagedGroup g(n);
   ASSERT_TRUE(g.ok());
   CollConfig cfg;
-  std::atomic<bool> open{false};
-  std::atomic<int> polls{0};
   std::vector<std::vector<float>> bufs(n);
   std::vector<std::future<TaskResult>> futs(n);
+  g.stages[0]->hold(true);
+  std::atomic<int> polls{0};
   for (int r = 0; r < n; r++) {
     bufs[r] = inputs(r, 300);
     std::shared_ptr<CollectiveTask> t;
     ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, bufs[r].data(), 300, DataType::kFloat32, RedOp::kSum,
                             1.0, &t),
               tcpxSuccess);
-    if (r == 0) {
-      t->gate = [&] {
-        polls++;
-        return open.load();
-      };
-    }
-    futs[r] = startTask(*g.comms[r], t);
+    if (r == 0) t->gate = [&] { return ++polls > 0; };  // counts the worker's polls; always open
+    futs[r] = issue(*g.comms[r], t);
   }
   // Rank 0's part cannot have run: its buffer is unchanged and nobody is done.
   while (polls.load() < 3) std::this_thread::yield();
   for (int r = 0; r < n; r++)
     EXPECT_EQ(futs[r].wait_for(std::chrono::seconds(0)), std::future_status::timeout);
   for (size_t i = 0; i < 300; i++) ASSERT_EQ(bufs[0][i], input(0, i));
-  open = true;
+  g.stages[0]->hold(false);
   for (int r = 0; r < n; r++) {
     TaskResult res = futs[r].get();
     ASSERT_TRUE(res.ok()) << res.message;
@@ -297,6 +349,7 @@ TEST_P(DeviceStageTest, GateHoldsTheTaskBack) {
       ASSERT_EQ(bufs[r][i], want);
     }
   }
+  for (auto& s : g.stages) EXPECT_TRUE(s->opsBalanced());
 }
 
 // A size mismatch fails the op on the staged path too (in-flight staging
@@ -326,6 +379,7 @@ TEST_P(DeviceStageTest, MismatchFailsAndGroupStaysUsable) {
       ASSERT_EQ(ok[i], want);
     }
   });
+  for (auto& s : g.stages) EXPECT_TRUE(s->opsBalanced()) << "a failed op's kernel would not exit";
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, DeviceStageTest, ::testing::Values(2, 3, 5));

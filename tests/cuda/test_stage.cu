@@ -1,12 +1,12 @@
-// GPU test of CudaStage (csrc/transport/cuda_stage.cu) and streamWaitFlag,
-// without torch: the staging copies and unpacks a communicator issues,
-// checked against host references, and the completion wait a caller's
-// stream uses, in the situations the backend creates:
-//   - a "worker" thread stages and unpacks while another stream waits on a
-//     host flag (streamWaitFlag) that the worker sets at the end;
+// GPU test of CudaStage (csrc/transport/cuda_stage.cu), streamWaitFlag and
+// streamWriteFlag, without torch: the work a communicator gives an op kernel
+// (staging copies, unpacks, scaling), checked against host references, and
+// the situations the backend creates:
+//   - a "worker" thread feeds an op kernel (no CUDA call on that thread)
+//     while the stream behind the kernel is what the caller waits for;
 //   - meanwhile the main thread blocks in a synchronous copy on the legacy
-//     default stream behind that wait (what `t.cpu()` after a non-blocking
-//     wait() does).
+//     default stream behind the op (what `t.cpu()` after a non-blocking
+//     wait() does), allocates, or launches a kernel for the first time.
 // A watchdog turns a hang into a FAIL with the phase that hung.
 // Build and run on a GPU machine:
 //   nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/test_stage.cu csrc/transport/cuda_stage.cu \
@@ -50,86 +50,171 @@ void waitTicket(DeviceStage& s, uint64_t t) {
   while (!done) TCPX_OK(s.query(t, &done));
 }
 
-// Staging round trip: device -> pinned (copy), pinned -> device (unpack copy
-// and unpack reduce with a separate `own`), for sizes around page edges.
-void testRoundTrip(DeviceStage& s) {
+void waitStarted(DeviceStage& s, uint64_t op) {
+  while (!s.started(op)) std::this_thread::yield();
+}
+
+// Staging round trip inside one op: device -> pinned (copy), pinned ->
+// device (unpack copy, unpack reduce with a separate `own`), for sizes
+// around page edges; then serial copies, PREMUL_SUM scaling and AVG
+// division in the kernel's order. The op's stream finishes once it ends.
+void testRoundTrip(DeviceStage& s, cudaStream_t stream) {
   phase = "round trip";
-  for (size_t bytes : {size_t{4}, size_t{4096}, size_t{4100}, size_t{512 * 1024}, size_t{524288 + 12}}) {
-    size_t n = bytes / 4;
-    std::vector<float> a(n), b(n), want(n);
+  // Everything CUDA is set up before the op's kernel runs: this thread
+  // plays the worker then, which must not wait for the device.
+  const std::vector<size_t> sizes = {4, 4096, 4100, 512 * 1024, 524288 + 12};
+  struct Buffers {
+    std::vector<float> a, b, want, got;
+    float *da, *dOwn, *dOut, *pinned, *back;
+  };
+  std::vector<Buffers> bufs(sizes.size());
+  for (size_t k = 0; k < sizes.size(); k++) {
+    const size_t bytes = sizes[k], n = bytes / 4;
+    Buffers& B = bufs[k];
+    B.a.resize(n), B.b.resize(n), B.want.resize(n), B.got.resize(n + 16);
     for (size_t i = 0; i < n; i++) {
-      a[i] = static_cast<float>(i % 1000);
-      b[i] = static_cast<float>((i * 7) % 333);
-      want[i] = a[i] + b[i];
+      B.a[i] = static_cast<float>(i % 1000);
+      B.b[i] = static_cast<float>((i * 7) % 333);
+      B.want[i] = B.a[i] + B.b[i];
     }
-    float *da, *dOwn, *dOut;
-    CUDA_OK(cudaMalloc(&da, bytes));
-    CUDA_OK(cudaMalloc(&dOwn, bytes));
-    CUDA_OK(cudaMalloc(&dOut, bytes + 64));
-    CUDA_OK(cudaMemcpy(da, a.data(), bytes, cudaMemcpyHostToDevice));
-    CUDA_OK(cudaMemcpy(dOwn, b.data(), bytes, cudaMemcpyHostToDevice));
-    CUDA_OK(cudaMemset(dOut, 0x7f, bytes + 64));
-    auto* pinned = static_cast<float*>(s.allocHost(bytes));
+    CUDA_OK(cudaMalloc(&B.da, bytes));
+    CUDA_OK(cudaMalloc(&B.dOwn, bytes));
+    CUDA_OK(cudaMalloc(&B.dOut, bytes + 64));
+    CUDA_OK(cudaMemcpy(B.da, B.a.data(), bytes, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(B.dOwn, B.b.data(), bytes, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemset(B.dOut, 0x7f, bytes + 64));
+    B.pinned = static_cast<float*>(s.allocHost(bytes + 64));
+    B.back = static_cast<float*>(s.allocHost(bytes + 64));
+  }
+  CUDA_OK(cudaDeviceSynchronize());
+  uint64_t op;
+  TCPX_OK(s.launch(stream, &op));
+  waitStarted(s, op);
+  s.bind(op);
+  auto run = [&](auto&& enqueue) {  // one step, then its ticket
     uint64_t t;
-    TCPX_OK(s.copy(pinned, da, bytes));
+    TCPX_OK(enqueue());
     TCPX_OK(s.record(&t));
     waitTicket(s, t);
-    report(memcmp(pinned, a.data(), bytes) == 0, "stage copy device->pinned " + std::to_string(bytes));
-    TCPX_OK(s.unpack(dOut, nullptr, pinned, bytes, false, DataType::kFloat32, RedOp::kSum));
-    TCPX_OK(s.record(&t));
-    waitTicket(s, t);
-    std::vector<float> got(n + 16);
-    CUDA_OK(cudaMemcpy(got.data(), dOut, bytes + 64, cudaMemcpyDeviceToHost));
+  };
+  for (size_t k = 0; k < sizes.size(); k++) {
+    const size_t bytes = sizes[k], n = bytes / 4;
+    Buffers& B = bufs[k];
+    const std::string sz = std::to_string(bytes);
+    run([&] { return s.copy(B.pinned, B.da, bytes, false); });
+    report(memcmp(B.pinned, B.a.data(), bytes) == 0, "stage copy device->pinned " + sz);
+    run([&] { return s.unpack(B.dOut, nullptr, B.pinned, bytes, false, DataType::kFloat32, RedOp::kSum); });
+    // Read back through the op itself: device -> pinned (bytes + 64).
+    float* back = B.back;
+    run([&] { return s.copy(back, B.dOut, bytes + 64, false); });
     bool tail = true;
-    for (size_t i = 0; i < 64; i++) tail &= reinterpret_cast<unsigned char*>(got.data())[bytes + i] == 0x7f;
-    report(memcmp(got.data(), a.data(), bytes) == 0 && tail,
-           "stage unpack copy " + std::to_string(bytes) + " (nothing written past the end)");
-    TCPX_OK(s.unpack(dOut, dOwn, pinned, bytes, true, DataType::kFloat32, RedOp::kSum));
-    TCPX_OK(s.record(&t));
-    waitTicket(s, t);
-    CUDA_OK(cudaMemcpy(got.data(), dOut, bytes, cudaMemcpyDeviceToHost));
-    report(memcmp(got.data(), want.data(), bytes) == 0, "stage unpack reduce own+bounce " + std::to_string(bytes));
-    s.freeHost(pinned);
-    CUDA_OK(cudaFree(da));
-    CUDA_OK(cudaFree(dOwn));
-    CUDA_OK(cudaFree(dOut));
+    for (size_t i = 0; i < 64; i++) tail &= reinterpret_cast<unsigned char*>(back)[bytes + i] == 0x7f;
+    report(memcmp(back, B.a.data(), bytes) == 0 && tail,
+           "stage unpack copy " + sz + " (nothing written past the end)");
+    run([&] { return s.unpack(B.dOut, B.dOwn, B.pinned, bytes, true, DataType::kFloat32, RedOp::kSum); });
+    run([&] { return s.copy(back, B.dOut, bytes, false); });
+    report(memcmp(back, B.want.data(), bytes) == 0, "stage unpack reduce own+bounce " + sz);
+    // Serial steps: copy a -> out, scale by 0.5, divide by 4, then a
+    // staging copy that must see all of it (no ticket in between).
+    TCPX_OK(s.copy(B.dOut, B.da, bytes, true));
+    TCPX_OK(s.scale(B.dOut, n, DataType::kFloat32, 0.5));
+    TCPX_OK(s.divide(B.dOut, n, DataType::kFloat32, 4));
+    run([&] { return s.copy(back, B.dOut, bytes, false); });
+    bool ok = true;
+    for (size_t i = 0; i < n; i++) ok &= back[i] == B.a[i] * 0.5f / 4.0f;
+    report(ok, "serial copy, scale, divide, then staging copy " + sz);
+  }
+  TCPX_OK(s.end(op));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  report(true, "op kernel exits after end()");
+  for (Buffers& B : bufs) {
+    s.freeHost(B.pinned);
+    s.freeHost(B.back);
+    CUDA_OK(cudaFree(B.da));
+    CUDA_OK(cudaFree(B.dOwn));
+    CUDA_OK(cudaFree(B.dOut));
   }
 }
 
-// What the caller's thread does while a stream waits on the host flag and
-// the worker stages and unpacks: each may serialise the device (CUDA's
-// implicit synchronisation, lazy module loading), which would deadlock the
-// design. Each scenario runs in its own process with a time limit.
-enum class Caller { kFlagOnly, kYield, kBlockingCopy, kMalloc, kHostAlloc, kFirstLaunch };
+// Ops launched ahead and served in order, more ops than op records (their
+// reuse), and an op ended before its kernel starts.
+void testManyOps(DeviceStage& s, cudaStream_t stream) {
+  phase = "many ops";
+  int* counter;
+  CUDA_OK(cudaMalloc(&counter, 4 * 1000));
+  CUDA_OK(cudaMemset(counter, 0, 4 * 1000));
+  std::vector<int> one(1000, 1);
+  int* ones;
+  CUDA_OK(cudaMalloc(&ones, 4 * 1000));
+  CUDA_OK(cudaMemcpy(ones, one.data(), 4 * 1000, cudaMemcpyHostToDevice));
+  for (int round = 0; round < 100; round++) {
+    uint64_t ops[3];
+    for (uint64_t& op : ops) TCPX_OK(s.launch(stream, &op));
+    for (uint64_t op : ops) {
+      waitStarted(s, op);
+      s.bind(op);
+      // counter += ones, as an unpack reduce from device memory
+      TCPX_OK(s.unpack(counter, nullptr, ones, 4 * 1000, true, DataType::kInt32, RedOp::kSum));
+      TCPX_OK(s.end(op));
+    }
+  }
+  uint64_t early;
+  TCPX_OK(s.launch(stream, &early));
+  TCPX_OK(s.end(early));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  std::vector<int> got(1000);
+  CUDA_OK(cudaMemcpy(got.data(), counter, 4 * 1000, cudaMemcpyDeviceToHost));
+  bool ok = true;
+  for (int v : got) ok &= v == 300;
+  report(ok, "300 ops through 128 op records, each adding 1 (got " + std::to_string(got[0]) + ")");
+  CUDA_OK(cudaFree(counter));
+  CUDA_OK(cudaFree(ones));
+}
+
+// What the caller's thread does while the op (or a flag wait) is pending:
+// each of these may serialise the device or take a lock the worker would
+// need, which must not keep the op from finishing.
+enum class Caller { kYield, kBlockingCopy, kMalloc, kHostAlloc, kFirstLaunch };
+enum class Wait { kOpKernel, kFlagKernel, kFlagMemop };
 struct Scenario {
   Caller caller;
-  bool memop;  // cuStreamWaitValue32 instead of the wait kernel
+  Wait wait;
 };
 const char* callerName(Caller c) {
   switch (c) {
-    case Caller::kFlagOnly: return "no device work, flag set at once (is the flag seen?)";
     case Caller::kYield: return "caller idle";
-    case Caller::kBlockingCopy: return "caller in a blocking copy behind the wait";
+    case Caller::kBlockingCopy: return "caller in a blocking copy behind the op";
     case Caller::kMalloc: return "caller in cudaMalloc";
     case Caller::kHostAlloc: return "caller in cudaHostAlloc";
     case Caller::kFirstLaunch: return "caller launches a kernel for the first time";
   }
   return "?";
 }
+const char* waitName(Wait w) {
+  switch (w) {
+    case Wait::kOpKernel: return "[op kernel fed by the worker]";
+    case Wait::kFlagKernel: return "[flag wait kernel]";
+    case Wait::kFlagMemop: return "[flag wait cuStreamWaitValue32]";
+  }
+  return "?";
+}
 
 __global__ void neverLaunchedBefore(float* p) { p[threadIdx.x] += 1.0f; }
 
-// The backend's completion path: returns normally, or hangs (the parent kills it).
-void flagWaitScenario(Caller caller, bool memop) {
+// Returns normally with the right data, or hangs (the parent kills it).
+void scenario(Scenario sc) {
   std::shared_ptr<DeviceStage> stagePtr;
-  TCPX_OK(createCudaStage(0, 0, &stagePtr));
+  TCPX_OK(createCudaStage(0, 8, &stagePtr));
   DeviceStage& s = *stagePtr;
-  TCPX_OK(s.reserveHost(512 * 1024, 4));
-  const size_t bytes = 4 << 20;
+  TCPX_OK(s.reserveHost(256 * 1024, 4));
+  const size_t bytes = 4 << 20, n = bytes / 4;
+  std::vector<float> pattern(n);
+  for (size_t i = 0; i < n; i++) pattern[i] = static_cast<float>(i % 4099);
   float *dev, *dst;
   CUDA_OK(cudaMalloc(&dev, bytes));
   CUDA_OK(cudaMalloc(&dst, bytes));
-  CUDA_OK(cudaMemset(dev, 0, bytes));
+  CUDA_OK(cudaMemcpy(dev, pattern.data(), bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemset(dst, 0, bytes));
   CUDA_OK(cudaDeviceSynchronize());
   uint32_t* flags;
   CUDA_OK(cudaHostAlloc(reinterpret_cast<void**>(&flags), 64, cudaHostAllocMapped | cudaHostAllocPortable));
@@ -138,23 +223,26 @@ void flagWaitScenario(Caller caller, bool memop) {
   CUDA_OK(cudaStreamCreateWithFlags(&done, cudaStreamNonBlocking));
   cudaEvent_t end;
   CUDA_OK(cudaEventCreateWithFlags(&end, cudaEventDisableTiming));
-  TCPX_OK(streamWaitFlag(&flags[1], 1, done, memop));
+  uint64_t op = 0;
+  if (sc.wait == Wait::kOpKernel) TCPX_OK(s.launch(done, &op));
+  else TCPX_OK(streamWaitFlag(&flags[1], 1, done, sc.wait == Wait::kFlagMemop));
   CUDA_OK(cudaEventRecord(end, done));
   CUDA_OK(cudaStreamWaitEvent(cudaStreamLegacy, end, 0));
-  std::atomic<bool> go{false}, workerDone{false};
+  std::atomic<bool> go{false};
+  // The worker: no CUDA call, as in the communicator.
   std::thread worker([&] {
     while (!go) std::this_thread::yield();
-    if (caller == Caller::kFlagOnly) {
+    if (sc.wait != Wait::kOpKernel) {
+      // A point-to-point op: the net moved pinned memory; the flag says so.
       __atomic_store_n(&flags[1], 1u, __ATOMIC_RELEASE);
-      workerDone = true;
       return;
     }
-    // What the communicator's worker does for one op: staging copies and
-    // unpacks with tickets, then the completion flag.
-    void* pinned = s.allocHost(512 * 1024);
+    waitStarted(s, op);
+    s.bind(op);
+    void* pinned = s.allocHost(256 * 1024);
     for (int i = 0; i < 16; i++) {
       uint64_t t;
-      TCPX_OK(s.copy(pinned, reinterpret_cast<char*>(dev) + i * 256 * 1024, 256 * 1024));
+      TCPX_OK(s.copy(pinned, reinterpret_cast<char*>(dev) + i * 256 * 1024, 256 * 1024, false));
       TCPX_OK(s.record(&t));
       waitTicket(s, t);
       TCPX_OK(s.unpack(reinterpret_cast<char*>(dst) + i * 256 * 1024, nullptr, pinned, 256 * 1024,
@@ -163,19 +251,16 @@ void flagWaitScenario(Caller caller, bool memop) {
       waitTicket(s, t);
     }
     s.freeHost(pinned);
-    __atomic_store_n(&flags[1], 1u, __ATOMIC_RELEASE);
-    workerDone = true;
+    TCPX_OK(s.end(op));
   });
-  std::vector<float> host(bytes / 4);
-  switch (caller) {
-    case Caller::kFlagOnly:
-    case Caller::kYield:
-      go = true;
-      while (!workerDone) std::this_thread::yield();
-      break;
+  std::vector<float> host(n);
+  bool copied = false;
+  switch (sc.caller) {
+    case Caller::kYield: go = true; break;
     case Caller::kBlockingCopy:
       go = true;
       CUDA_OK(cudaMemcpy(host.data(), dst, bytes, cudaMemcpyDeviceToHost));
+      copied = true;
       break;
     case Caller::kMalloc: {
       void* p;
@@ -194,9 +279,9 @@ void flagWaitScenario(Caller caller, bool memop) {
     case Caller::kFirstLaunch: {
       float* p;
       CUDA_OK(cudaMalloc(&p, 1024));
-      neverLaunchedBefore<<<1, 32, 0, done>>>(p);
-      CUDA_OK(cudaGetLastError());
       go = true;
+      neverLaunchedBefore<<<1, 32>>>(p);
+      CUDA_OK(cudaGetLastError());
       break;
     }
   }
@@ -204,30 +289,31 @@ void flagWaitScenario(Caller caller, bool memop) {
   CUDA_OK(cudaStreamSynchronize(cudaStreamLegacy));
   CUDA_OK(cudaStreamSynchronize(done));
   if (cudaEventQuery(end) != cudaSuccess) exit(4);
+  if (sc.wait == Wait::kOpKernel) {
+    if (!copied) CUDA_OK(cudaMemcpy(host.data(), dst, bytes, cudaMemcpyDeviceToHost));
+    if (memcmp(host.data(), pattern.data(), bytes) != 0) exit(5);  // dst = 0 + pattern
+  }
   exit(0);
 }
 
 // Runs the scenario in a child process; a child that runs past 20 s hung.
-void testFlagWait(Scenario sc) {
-  const Caller caller = sc.caller;
-  const std::string how = sc.memop ? " [cuStreamWaitValue32]" : " [wait kernel]";
+void testScenario(Scenario sc) {
+  const std::string name = std::string(waitName(sc.wait)) + " " + callerName(sc.caller);
   fflush(stdout);
   pid_t pid = fork();
-  if (pid == 0) flagWaitScenario(caller, sc.memop);
+  if (pid == 0) scenario(sc);
   int status = 0;
   for (int i = 0; i < 200; i++) {
     if (waitpid(pid, &status, WNOHANG) == pid) {
       report(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-             std::string("completion flag wait") + how + ", " + callerName(caller) +
-                 (WIFEXITED(status) ? " (exit " + std::to_string(WEXITSTATUS(status)) + ")" : " (crashed)"));
+             name + (WIFEXITED(status) ? " (exit " + std::to_string(WEXITSTATUS(status)) + ")" : " (crashed)"));
       return;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));  // polling a child, not synchronising
   }
   kill(pid, SIGKILL);
   waitpid(pid, &status, 0);
-  report(false, std::string("completion flag wait") + how + ", " + callerName(caller) +
-                    ": HANG (killed after 20 s)");
+  report(false, name + ": HANG (killed after 20 s)");
 }
 
 }  // namespace
@@ -235,13 +321,12 @@ void testFlagWait(Scenario sc) {
 int main() {
   // The scenarios fork before this process touches CUDA (a child cannot use
   // a CUDA context inherited from its parent).
-  const Scenario scenarios[] = {
-      {Caller::kFlagOnly, false},     {Caller::kYield, false},     {Caller::kBlockingCopy, false},
-      {Caller::kMalloc, false},       {Caller::kHostAlloc, false}, {Caller::kFirstLaunch, false},
-      {Caller::kFlagOnly, true},      {Caller::kYield, true},      {Caller::kBlockingCopy, true}};
-  for (const Scenario& sc : scenarios) {
-    if (access("/dev/nvidiactl", F_OK) != 0) break;
-    testFlagWait(sc);
+  const Caller callers[] = {Caller::kYield, Caller::kBlockingCopy, Caller::kMalloc,
+                            Caller::kHostAlloc, Caller::kFirstLaunch};
+  if (access("/dev/nvidiactl", F_OK) == 0) {
+    for (Caller c : callers) testScenario({c, Wait::kOpKernel});
+    for (Wait w : {Wait::kFlagKernel, Wait::kFlagMemop})
+      for (Caller c : {Caller::kYield, Caller::kBlockingCopy, Caller::kFirstLaunch}) testScenario({c, w});
   }
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
@@ -256,9 +341,12 @@ int main() {
   }).detach();
   CUDA_OK(cudaSetDevice(0));
   std::shared_ptr<DeviceStage> stage;
-  TCPX_OK(createCudaStage(0, 0, &stage));
+  TCPX_OK(createCudaStage(0, 8, &stage));
   TCPX_OK(stage->reserveHost(512 * 1024, 8));
-  testRoundTrip(*stage);
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  testRoundTrip(*stage, stream);
+  testManyOps(*stage, stream);
   printf("%s: %d failure(s)\n", testFailures() ? "FAILED" : "OK", testFailures());
   return testFailures() ? 1 : 0;
 }
