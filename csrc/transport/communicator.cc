@@ -1549,9 +1549,11 @@ tcpxResult_t Communicator::create(const CommOptions& opts, std::unique_ptr<Commu
   std::unique_ptr<Communicator> comm(new Communicator(opts));
   TCPX_CHECK(comm->bootstrap());
   if (opts.stage) {
-    // Bounce buffers and send staging chunks of the first peers (ring and
-    // tree neighbours), before any stream can wait for this communicator.
-    int peers = std::min(opts.nranks - 1, 4);
+    // Bounce buffers and send staging chunks of up to 16 peers (every peer
+    // of a node-sized group: all_to_all talks to all), now: pinned memory
+    // allocated later, on the worker, may block it behind a caller's
+    // synchronous CUDA call (transport/stage.h).
+    int peers = std::min(opts.nranks - 1, 16);
     TCPX_CHECK(opts.stage->reserveHost(comm->chunkBytes_, peers * opts.buffers * 2));
   }
   *out = std::move(comm);

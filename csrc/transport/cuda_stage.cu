@@ -355,6 +355,12 @@ class CudaStage final : public DeviceStage {
       hostSize_[p].second = false;
       return p;
     }
+    if (reserved_ && !warnedGrow_) {
+      warnedGrow_ = true;
+      TCPX_WARN("CUDA stage: the pinned pool is used up (a group of more than 17 ranks?); "
+                "allocating more from the communicator's thread can stall it behind a "
+                "synchronous CUDA call of another thread");
+    }
     DeviceGuard g(dev_);
     void* p = nullptr;
     // Portable: usable from every device; with unified addressing (every
@@ -368,6 +374,10 @@ class CudaStage final : public DeviceStage {
   }
 
   tcpxResult_t reserveHost(size_t bytes, int count) override {
+    {
+      std::lock_guard<std::mutex> lk(hostMu_);
+      reserved_ = false;  // allocating on purpose
+    }
     std::vector<void*> got;
     for (int i = 0; i < count; i++) {
       void* p = allocHost(bytes);
@@ -375,6 +385,8 @@ class CudaStage final : public DeviceStage {
       got.push_back(p);
     }
     for (void* p : got) freeHost(p);
+    std::lock_guard<std::mutex> lk(hostMu_);
+    reserved_ = true;
     return tcpxSuccess;
   }
 
@@ -621,6 +633,7 @@ class CudaStage final : public DeviceStage {
   std::mutex hostMu_;
   std::map<void*, std::pair<size_t, bool>> hostSize_;
   std::map<size_t, std::vector<void*>> freeHost_;
+  bool reserved_ = false, warnedGrow_ = false;  // the pool was reserved; growth was reported
   // Device scratch: size of every block, free blocks by size.
   std::mutex devMu_;
   std::map<void*, size_t> devSize_;

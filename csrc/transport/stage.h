@@ -51,7 +51,7 @@ class DeviceStage {
   // staging chunks), from a pool that keeps freed blocks: allocating or
   // freeing pinned memory may synchronise the device. Taken from the pool
   // when it has a block of that size; else allocated (a CUDA call: the
-  // communicator reserves what its first peers need when it is created, so
+  // communicator reserves what 16 peers need when it is created, so
   // that the worker rarely gets here). nullptr when out of memory.
   virtual void* allocHost(size_t bytes) = 0;
   virtual void freeHost(void* p) = 0;

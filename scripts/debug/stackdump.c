@@ -16,7 +16,7 @@ static void handler(int sig) {
   int n = backtrace(frames, 48);
   char head[64];
   int len = snprintf(head, sizeof head, "--- native stack of thread %ld\n", (long)syscall(SYS_gettid));
-  write(2, head, (size_t)len);
+  if (write(2, head, (size_t)len) < 0) return;
   backtrace_symbols_fd(frames, n, 2);
 }
 

@@ -76,6 +76,7 @@ print("initialised")
     ({"TCPX_ALGO": "allreduce:tree"}, ["TCPX_ALGO", "tree"]),
     ({"TCPX_SOCKET_IFNAME": "=no-such-interface"}, ["TCPX_SOCKET_IFNAME", "no-such-interface"]),
     ({"TCPX_NET": "plugin"}, ["TCPX_NET", "plugin"]),
+    ({"TCPX_CUDA_BLOCKS": "0"}, ["TCPX_CUDA_BLOCKS", "0", "[1, 64]"]),
 ])
 def test_bad_configuration_is_value_error(env, names):
     """An invalid TCPX_* setting makes init_process_group raise ValueError naming it."""
@@ -86,3 +87,29 @@ def test_bad_configuration_is_value_error(env, names):
     assert proc.returncode == 3, f"expected ValueError (exit 3), got {proc.returncode}:\n{out}"
     missing = [n for n in names if n not in out]
     assert not missing, f"the error does not name {missing}:\n{out}"
+
+
+_DUMP_STATE = """
+import socket, torch, torch.distributed as dist
+import torch_tcpx
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+dist.init_process_group("tcpx", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+t = torch.ones(4)
+dist.all_reduce(t)
+dist.group.WORLD._get_backend(torch.device("cpu")).dump_state()
+dist.all_reduce(t)  # the worker has looped (and logged) by now
+print("sum", t.tolist())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(BACKEND != "tcpx", reason="dump_state() is tcpx's")
+def test_dump_state_logs_what_the_worker_waits_for():
+    """dump_state() logs how long ago the worker last looped, and the worker logs its state."""
+    proc = subprocess.run([sys.executable, "-c", _DUMP_STATE], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "sum [1.0, 1.0, 1.0, 1.0]" in out, out
+    assert "worker last looped" in out, out
+    assert "state: " in out, out  # no collective running, or the second all_reduce
