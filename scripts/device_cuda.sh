@@ -3,6 +3,7 @@
 # steps named in $@ (default: unpack stage smoke pytest). Output under $OUT.
 #   unpack  the standalone unpack-kernel test (tests/cuda/test_unpack.cu)
 #   stage   the standalone stage test (tests/cuda/test_stage.cu)
+#   bench-stage  the op kernel's cost per command (tests/cuda/bench_stage.cu)
 #   smoke   scripts/smoke_cuda.py at 2 ranks (one per GPU) and 4 (GPUs shared)
 #   smoke-host / smoke-memop / smoke-trace: the same with TCPX_CUDA_WAIT=host / =memop /
 #           TCPX_DEBUG=TRACE
@@ -36,6 +37,9 @@ for step in $steps; do
     stage)
       nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/test_stage.cu csrc/transport/cuda_stage.cu \
         csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/test_stage && timeout 300 /tmp/test_stage 2>&1 | tail -40 ;;
+    bench-stage)
+      nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/bench_stage.cu csrc/transport/cuda_stage.cu \
+        csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/bench_stage && timeout 120 /tmp/bench_stage 2>&1 | tee "$OUT/bench_stage.txt" ;;
     smoke-host)
       TCPX_CUDA_WAIT=host timeout 100 python3 scripts/smoke_cuda.py 2 2>&1 | grep -v "^W" | tail -30 ;;
     smoke-memop)

@@ -1,0 +1,131 @@
+// Microbenchmark of the CUDA stage's op kernel (csrc/transport/cuda_stage.cu)
+// on one GPU, without the network: what one command costs, by kind and size.
+//   latency:   one command, then wait for its ticket (the worker's view of a
+//              small op's staging copy or unpack), median of `reps`;
+//   bandwidth: `count` commands given back to back, then one ticket.
+// Commands: device -> pinned copy (staging a send), pinned -> device unpack
+// (a receive), pinned -> device reduce into device memory (a reduce step).
+// Build and run on a GPU machine:
+//   nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/bench_stage.cu csrc/transport/cuda_stage.cu \
+//     csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/bench_stage && /tmp/bench_stage [blocks...]
+// Prints one table per block count (TCPX_CUDA_BLOCKS), times in µs, GB/s = 1e9 B/s.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "cuda_check.h"
+#include "transport/stage.h"
+
+using namespace tcpx;
+
+namespace {
+
+#define TCPX_OK(x)                                                                      \
+  do {                                                                                  \
+    if ((x) != tcpxSuccess) {                                                           \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, lastError().c_str()); \
+      exit(2);                                                                          \
+    }                                                                                   \
+  } while (0)
+
+using Clock = std::chrono::steady_clock;
+
+double usSince(Clock::time_point t0) {
+  return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+}
+
+void waitTicket(DeviceStage& s, uint64_t t) {
+  bool done = false;
+  while (!done) TCPX_OK(s.query(t, &done));
+}
+
+enum class Kind { kStage, kUnpack, kReduce };
+const char* kindName(Kind k) {
+  return k == Kind::kStage ? "copy device->pinned" : k == Kind::kUnpack ? "unpack pinned->device"
+                                                                        : "reduce pinned+device";
+}
+
+tcpxResult_t give(DeviceStage& s, Kind k, void* dev, void* pinned, size_t bytes) {
+  switch (k) {
+    case Kind::kStage: return s.copy(pinned, dev, bytes, false);
+    case Kind::kUnpack: return s.unpack(dev, nullptr, pinned, bytes, false, DataType::kFloat32, RedOp::kSum);
+    case Kind::kReduce: return s.unpack(dev, nullptr, pinned, bytes, true, DataType::kFloat32, RedOp::kSum);
+  }
+  return tcpxInternalError;
+}
+
+void run(int blocks) {
+  std::shared_ptr<DeviceStage> stage;
+  TCPX_OK(createCudaStage(0, blocks, &stage));
+  DeviceStage& s = *stage;
+  const size_t maxBytes = size_t{4} << 20;
+  const int count = 64;  // commands per bandwidth measurement
+  // Device memory and pinned chunks, all set up before the op kernel runs:
+  // this thread then plays the worker, which makes no CUDA call.
+  void* dev;
+  CUDA_OK(cudaMalloc(&dev, maxBytes * count));
+  CUDA_OK(cudaMemset(dev, 0, maxBytes * count));
+  std::vector<void*> pinned;
+  for (int i = 0; i < count; i++) pinned.push_back(s.allocHost(maxBytes));
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUDA_OK(cudaDeviceSynchronize());
+  uint64_t op;
+  auto t0 = Clock::now();
+  TCPX_OK(s.launch(stream, &op));
+  while (!s.started(op)) std::this_thread::yield();
+  const double startUs = usSince(t0);
+  s.bind(op);
+  printf("\n# op kernel, %d blocks: launch to started %.1f us\n", blocks, startUs);
+  printf("# %-22s %10s %14s %14s %12s\n", "command", "bytes", "latency (us)", "stream (us)", "GB/s");
+  for (Kind k : {Kind::kStage, Kind::kUnpack, Kind::kReduce}) {
+    for (size_t bytes : {size_t{4}, size_t{65536}, size_t{524288}, size_t{4} << 20}) {
+      std::vector<double> lat;
+      for (int rep = 0; rep < 21; rep++) {
+        uint64_t t;
+        auto t1 = Clock::now();
+        TCPX_OK(give(s, k, dev, pinned[0], bytes));
+        TCPX_OK(s.record(&t));
+        waitTicket(s, t);
+        lat.push_back(usSince(t1));
+      }
+      std::nth_element(lat.begin(), lat.begin() + lat.size() / 2, lat.end());
+      uint64_t t;
+      auto t2 = Clock::now();
+      for (int i = 0; i < count; i++)
+        TCPX_OK(give(s, k, static_cast<char*>(dev) + i * bytes, pinned[i], bytes));
+      TCPX_OK(s.record(&t));
+      waitTicket(s, t);
+      const double us = usSince(t2) / count;
+      printf("  %-22s %10zu %14.1f %14.1f %12.2f\n", kindName(k), bytes, lat[lat.size() / 2], us,
+             bytes / us / 1e3);
+    }
+  }
+  TCPX_OK(s.end(op));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  for (void* p : pinned) s.freeHost(p);
+  CUDA_OK(cudaStreamDestroy(stream));
+  CUDA_OK(cudaFree(dev));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    printf("SKIP: no CUDA device\n");
+    return 0;
+  }
+  CUDA_OK(cudaSetDevice(0));
+  std::vector<int> blocks;
+  for (int i = 1; i < argc; i++) blocks.push_back(atoi(argv[i]));
+  if (blocks.empty()) blocks = {1, 4, 8, 16};
+  for (int b : blocks) run(b);
+  return 0;
+}
