@@ -448,8 +448,19 @@ void WorkTCPX::complete(const TaskResult& result) {
   // CUDA ops complete on a completion thread too: a device Future creates
   // and records CUDA events, which the worker must never do (it may block
   // while a kernel waits for the worker; see transport/cuda_stage.cu).
-  if (!futureRequested_ && !completionStream) {
+  bool inlineNow;
+  {
+    std::lock_guard<std::mutex> lk(futureMu_);
+    inlineNow = !futureRequested_ && !completionStream;
+    completingInline_ = inlineNow;
+  }
+  if (inlineNow) {
     completeNow(error);
+    {
+      std::lock_guard<std::mutex> lk(futureMu_);
+      completingInline_ = false;
+    }
+    futureCv_.notify_all();
     return;
   }
   auto self = c10::intrusive_ptr<WorkTCPX>::unsafe_reclaim_from_nonowning(this);

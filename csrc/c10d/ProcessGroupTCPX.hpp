@@ -23,8 +23,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -84,8 +86,14 @@ class WorkTCPX : public c10d::Work {
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   void synchronize() override;
   std::vector<at::Tensor> result() override { return outputs_; }
+  // Once a Future was handed out, completion runs on a completion thread, so
+  // that its callbacks never run on the network thread; a completion already
+  // under way on that thread finishes first (callbacks added afterwards run
+  // at once on the caller's thread).
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override {
+    std::unique_lock<std::mutex> lk(futureMu_);
     futureRequested_ = true;
+    futureCv_.wait(lk, [&] { return !completingInline_; });
     return future_;
   }
   int sourceRank() const override;
@@ -94,7 +102,10 @@ class WorkTCPX : public c10d::Work {
  private:
   void completeNow(std::exception_ptr error);
 
-  std::atomic<bool> futureRequested_{false};
+  std::mutex futureMu_;
+  std::condition_variable futureCv_;
+  bool futureRequested_ = false;   // getFuture() was called
+  bool completingInline_ = false;  // complete() is completing on its own thread
   std::vector<at::Tensor> outputs_;
   std::string description_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;

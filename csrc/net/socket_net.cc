@@ -577,8 +577,12 @@ class SendComm : public CommBase {
       r->slicesInFlight--;
       r->written += h->sliceHdr.len;
       if (failed_) {
+        // The comm failed (e.g. the receiver closed after reading this very
+        // message) while this last slice was being written: a send whose
+        // bytes all reached the kernel is complete, as on the normal path.
         if (r->slicesInFlight == 0 && r->state.load() == kReqPending) {
-          finishLocked(r, failCode_, failMsg_);
+          const bool whole = r->ctrlDone && r->written >= r->size;
+          finishLocked(r, whole ? tcpxSuccess : failCode_, whole ? "" : failMsg_);
           removePendingLocked(r);
         }
         return;

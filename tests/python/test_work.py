@@ -107,6 +107,44 @@ def test_future_value(pools, ws, op):
     pools.get(ws).run(rank_future_values, op=op, seed=case_seed("future", ws, op))
 
 
+def _thread_name():
+    import threading
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def rank_callbacks_off_network_thread(rank, ws, *, seed):
+    # get_future() races with completion: whichever wins, a callback must not
+    # run on the backend's network thread (a blocking callback would stall it).
+    names, works = [], []
+    for i in range(200):
+        t = torch.full((4,), float(rank + i))
+        w = dist.all_reduce(t, async_op=True)
+        if i % 2:
+            time.sleep(0)  # let some complete before get_future()
+        w.get_future().then(lambda f: names.append(_thread_name()))
+        works.append((w, t, i))
+    for w, t, i in works:
+        w.wait()
+        assert_equal(t, torch.full((4,), float(sum(range(ws)) + ws * i)), f"rank {rank} op {i}")
+    deadline = time.monotonic() + 30
+    while len(names) < len(works) and time.monotonic() < deadline:
+        time.sleep(0.01)  # callbacks of completed futures finish on their threads
+    assert len(names) == len(works), f"{len(names)} of {len(works)} callbacks ran"
+    bad = [n for n in names if n.startswith("tcpx-worker")]
+    assert not bad, f"{len(bad)} callbacks ran on the network thread: {sorted(set(bad))}"
+
+
+@skip_if_gloo("thread names are tcpx's")
+@pytest.mark.parametrize("ws", [2])
+def test_future_callbacks_never_run_on_the_network_thread(pools, ws):
+    """A then() callback runs on a completion thread or the caller's, never on the worker."""
+    pools.get(ws).run(rank_callbacks_off_network_thread, seed=case_seed("callbacks", ws))
+
+
 # ---------------------------------------------------------------------------------------------
 
 def rank_issue_order(rank, ws, *, seed):
