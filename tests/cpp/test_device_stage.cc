@@ -1,10 +1,11 @@
 // The communicator's device path (transport/stage.h) without a GPU: a fake
-// stage whose "device memory" is host memory and whose "stream" runs the
-// queued copies and unpacks later, one per query, in order, the way a real
-// comm stream runs behind the worker. Every collective then goes through the
-// staged sends (copy to a pinned chunk, send once its ticket is done), the
-// unpack stage (copy or reduce into place once its ticket is done), the
-// finishing ticket and the gate, with ranks as threads over loopback.
+// stage whose "device memory" is host memory and whose op "kernel" runs the
+// given copies and unpacks later, one per query and out of order (serial
+// items excepted), the way the op kernel's blocks run behind the worker and
+// ahead of each other. Every collective then goes through the staged sends
+// (copy to a pinned chunk, send once its ticket is done), the unpack stage
+// (copy or reduce into place once its ticket is done), the finishing ticket
+// and the op's start, with ranks as threads over loopback.
 //
 // References are plain loops over the inputs (small integers in float32, so
 // every sum is exact whatever the order).
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <deque>
 #include <future>
+#include <random>
 #include <set>
 
 #include "collectives/collectives.h"
@@ -59,7 +61,11 @@ class FakeStage : public DeviceStage {
     return tcpxSuccess;
   }
   bool started(uint64_t) override { return !held_; }
-  void bind(uint64_t op) override { bound_ = op; }
+  void bind(uint64_t op) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    bound_ = op;
+    serialNext_ = false;
+  }
   tcpxResult_t end(uint64_t op) override {
     std::lock_guard<std::mutex> lk(mu_);
     if (op == 0 || op > launched_ || !ended_.insert(op).second) badEnds_++;
@@ -67,55 +73,55 @@ class FakeStage : public DeviceStage {
     return tcpxSuccess;
   }
 
-  tcpxResult_t copy(void* dst, const void* src, size_t bytes, bool) override {
+  tcpxResult_t copy(void* dst, const void* src, size_t bytes, bool serial) override {
     std::lock_guard<std::mutex> lk(mu_);
     TCPX_CHECK(checkBound());
-    queue_.push_back([=] { memmove(dst, src, bytes); });
+    add([=] { memmove(dst, src, bytes); }, serial);
     copies_++;
     return tcpxSuccess;
   }
   tcpxResult_t scale(void* buf, size_t count, DataType dtype, double factor) override {
     std::lock_guard<std::mutex> lk(mu_);
     TCPX_CHECK(checkBound());
-    queue_.push_back([=] { scaleInPlace(buf, count, dtype, factor); });
+    add([=] { scaleInPlace(buf, count, dtype, factor); }, true);
     return tcpxSuccess;
   }
   tcpxResult_t divide(void* buf, size_t count, DataType dtype, int64_t divisor) override {
     std::lock_guard<std::mutex> lk(mu_);
     TCPX_CHECK(checkBound());
-    queue_.push_back([=] { divideInPlace(buf, count, dtype, divisor); });
+    add([=] { divideInPlace(buf, count, dtype, divisor); }, true);
     return tcpxSuccess;
   }
   tcpxResult_t unpack(void* dst, const void* own, const void* bounce, size_t bytes, bool reduce,
                       DataType dtype, RedOp op) override {
     std::lock_guard<std::mutex> lk(mu_);
     TCPX_CHECK(checkBound());
-    queue_.push_back([=] {
+    add([=] {
       if (!reduce) {
         memcpy(dst, bounce, bytes);
         return;
       }
       if (own && own != dst) memcpy(dst, own, bytes);
       reduceInto(dst, bounce, bytes / dataTypeSize(dtype), dtype, op);
-    });
+    }, false);
     unpacks_++;
     return tcpxSuccess;
   }
   tcpxResult_t record(uint64_t* ticket) override {
     std::lock_guard<std::mutex> lk(mu_);
-    *ticket = enqueued_ + queue_.size();
+    *ticket = base_ + items_.size();
     return tcpxSuccess;
   }
   tcpxResult_t query(uint64_t ticket, bool* done) override {
     std::lock_guard<std::mutex> lk(mu_);
-    if (!queue_.empty()) runOne();
-    *done = enqueued_ >= ticket;
+    if (!items_.empty()) runOne();
+    *done = base_ >= ticket;
     return tcpxSuccess;
   }
   std::string describe(uint64_t) override { return "fake"; }
   tcpxResult_t synchronize() override {
     std::lock_guard<std::mutex> lk(mu_);
-    while (!queue_.empty()) runOne();
+    while (!items_.empty()) runOne();
     return tcpxSuccess;
   }
 
@@ -134,7 +140,7 @@ class FakeStage : public DeviceStage {
   int reserved() const { return reserved_; }
   size_t pending() {
     std::lock_guard<std::mutex> lk(mu_);
-    return queue_.size();
+    return items_.size();
   }
 
  private:
@@ -142,14 +148,44 @@ class FakeStage : public DeviceStage {
     if (!bound_) TCPX_ERR(tcpxInternalError, "fake stage: device work outside an op");
     return tcpxSuccess;
   }
+  // Work given to the op "kernel". Items run out of order, as the kernel's
+  // blocks run ahead of each other, except serial ones (and the item after
+  // one), which wait for every earlier item; so the communicator must order
+  // dependent work by tickets, as it must on the GPU.
+  struct Item {
+    std::function<void()> fn;
+    bool serial;
+    bool done = false;
+  };
+  void add(std::function<void()> fn, bool serial) {
+    items_.push_back(Item{std::move(fn), serial || serialNext_});
+    serialNext_ = serial;
+  }
   void runOne() {
-    queue_.front()();
-    queue_.pop_front();
-    enqueued_++;
+    std::vector<size_t> runnable;
+    bool allBeforeDone = true;
+    for (size_t i = 0; i < items_.size(); i++) {
+      if (items_[i].done) continue;
+      if (items_[i].serial) {
+        if (allBeforeDone) runnable.push_back(i);
+        break;  // nothing after a pending serial item runs
+      }
+      runnable.push_back(i);
+      allBeforeDone = false;
+    }
+    Item& it = items_[runnable[rng_() % runnable.size()]];
+    it.fn();
+    it.done = true;
+    while (!items_.empty() && items_.front().done) {
+      items_.pop_front();
+      base_++;  // tickets up to here are done (the kernel's `done`)
+    }
   }
   std::mutex mu_;
-  std::deque<std::function<void()>> queue_;
-  uint64_t enqueued_ = 0;  // items run so far
+  std::deque<Item> items_;
+  uint64_t base_ = 0;  // items before items_ (all run)
+  bool serialNext_ = false;
+  std::mt19937 rng_{20261121};
   std::set<void*> host_;
   uint64_t launched_ = 0;
   std::set<uint64_t> ended_;
@@ -312,6 +348,50 @@ TEST_P(DeviceStageTest, DataMovementAndReductionsMatchReference) {
       for (size_t i = 0; i < count; i++)
         ASSERT_EQ(rbuf[q * count + i], static_cast<float>(q * 100 + r + i % 7));
   });
+}
+
+// AVG and PREMUL_SUM: the scaling and division are serial items, which the
+// out-of-order fake runs only after everything before them.
+TEST_P(DeviceStageTest, AvgAndPremulSumMatchReference) {
+  const int n = GetParam();
+  StagedGroup g(n);
+  ASSERT_TRUE(g.ok());
+  CollConfig cfg;
+  cfg.threshold = 512;
+  runRanks(n, [&](int r) {
+    for (size_t count : {size_t{3}, size_t{700}}) {
+      for (RedOp op : {RedOp::kAvg, RedOp::kPremulSum}) {
+        std::vector<float> buf = inputs(r, count);
+        std::shared_ptr<CollectiveTask> t;
+        ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, buf.data(), count, DataType::kFloat32, op, 0.5, &t),
+                  tcpxSuccess);
+        TaskResult res = run(*g.comms[r], t);
+        ASSERT_TRUE(res.ok()) << res.message;
+        for (size_t i = 0; i < count; i++) {
+          float sum = 0;
+          for (int q = 0; q < n; q++) sum += op == RedOp::kPremulSum ? 0.5f * input(q, i) : input(q, i);
+          const float want = op == RedOp::kAvg ? sum / static_cast<float>(n) : sum;
+          ASSERT_EQ(buf[i], want) << redOpName(op) << " rank " << r << " count " << count << " i " << i;
+        }
+      }
+      // reduce_scatter PREMUL_SUM scales a copy of the input, which must stay intact.
+      std::vector<float> full = inputs(r, count * n), mine(count, -1.f);
+      std::vector<const void*> blocks;
+      for (int q = 0; q < n; q++) blocks.push_back(full.data() + q * count);
+      std::shared_ptr<CollectiveTask> t;
+      ASSERT_EQ(makeReduceScatter(*g.comms[r], blocks, mine.data(), count, DataType::kFloat32,
+                                  RedOp::kPremulSum, 0.5, &t),
+                tcpxSuccess);
+      ASSERT_TRUE(run(*g.comms[r], t).ok());
+      for (size_t i = 0; i < count; i++) {
+        float want = 0;
+        for (int q = 0; q < n; q++) want += 0.5f * input(q, r * count + i);
+        ASSERT_EQ(mine[i], want) << "reduce_scatter rank " << r << " i " << i;
+      }
+      for (size_t i = 0; i < count * n; i++) ASSERT_EQ(full[i], input(r, i)) << "input modified";
+    }
+  });
+  for (auto& s : g.stages) EXPECT_TRUE(s->opsBalanced());
 }
 
 // A task does not start before its op kernel runs (the caller's stream has
