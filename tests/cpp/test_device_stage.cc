@@ -242,27 +242,38 @@ class DeviceStageTest : public ::testing::TestWithParam<int> {};
 // and many chunks (ring, chain), with a partial last chunk.
 const size_t kCounts[] = {1, 3, 255, 256, 5000};
 
-TEST_P(DeviceStageTest, AllreduceSumAndMaxMatchReference) {
+// all_reduce of rank inputs, element i, as plain float arithmetic (PREMUL_SUM
+// with factor 0.5; AVG: the exact sum divided once, as the backend does).
+float allreduceRef(RedOp op, int n, size_t i) {
+  float acc = op == RedOp::kMax ? -1e30f : 0.f;
+  for (int q = 0; q < n; q++) {
+    const float v = op == RedOp::kPremulSum ? 0.5f * input(q, i) : input(q, i);
+    acc = op == RedOp::kMax ? std::max(acc, v) : acc + v;
+  }
+  return op == RedOp::kAvg ? acc / static_cast<float>(n) : acc;
+}
+
+// SUM and MAX, and AVG and PREMUL_SUM, whose division and scaling are serial
+// items (the out-of-order fake runs them after everything before them).
+TEST_P(DeviceStageTest, AllreduceMatchesReference) {
   const int n = GetParam();
   StagedGroup g(n);
   ASSERT_TRUE(g.ok());
   CollConfig cfg;
   cfg.threshold = 512;
+  const RedOp ops[] = {RedOp::kSum, RedOp::kMax, RedOp::kAvg, RedOp::kPremulSum};
   runRanks(n, [&](int r) {
     for (size_t count : kCounts) {
-      for (RedOp op : {RedOp::kSum, RedOp::kMax}) {
+      for (RedOp op : ops) {
         std::vector<float> buf = inputs(r, count);
         std::shared_ptr<CollectiveTask> t;
-        ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, buf.data(), count, DataType::kFloat32, op, 1.0, &t),
+        ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, buf.data(), count, DataType::kFloat32, op, 0.5, &t),
                   tcpxSuccess);
         TaskResult res = run(*g.comms[r], t);
         ASSERT_TRUE(res.ok()) << res.message;
-        for (size_t i = 0; i < count; i++) {
-          float want = op == RedOp::kSum ? 0.f : -1e30f;
-          for (int q = 0; q < n; q++)
-            want = op == RedOp::kSum ? want + input(q, i) : std::max(want, input(q, i));
-          ASSERT_EQ(buf[i], want) << "rank " << r << " count " << count << " i " << i;
-        }
+        for (size_t i = 0; i < count; i++)
+          ASSERT_EQ(buf[i], allreduceRef(op, n, i))
+              << redOpName(op) << " rank " << r << " count " << count << " i " << i;
       }
     }
   });
@@ -278,7 +289,7 @@ TEST_P(DeviceStageTest, AllreduceSumAndMaxMatchReference) {
   // kept staging copies and unpacks in flight for a while.
   for (auto& c : g.comms) {
     DeviceBreakdown b = c->deviceBreakdown();
-    EXPECT_EQ(b.ops, std::size(kCounts) * 2);
+    EXPECT_EQ(b.ops, std::size(kCounts) * std::size(ops));
     EXPECT_GT(b.wallUs, 0);
     EXPECT_GT(b.stagingUs, 0);
     EXPECT_GT(b.netUs, 0);
@@ -309,19 +320,19 @@ TEST_P(DeviceStageTest, DataMovementAndReductionsMatchReference) {
     ASSERT_TRUE(run(c, t).ok());
     for (int q = 0; q < n; q++)
       for (size_t i = 0; i < count; i++) ASSERT_EQ(out[q * count + i], input(q, i));
-    // reduce_scatter: block q of rank r's input is input(r, q*count + i)
-    std::vector<float> full = inputs(r, count * n), mine(count, -1.f);
-    std::vector<const void*> blocks;
-    for (int q = 0; q < n; q++) blocks.push_back(full.data() + q * count);
-    ASSERT_EQ(makeReduceScatter(c, blocks, mine.data(), count, DataType::kFloat32, RedOp::kSum, 1.0, &t),
-              tcpxSuccess);
-    ASSERT_TRUE(run(c, t).ok());
-    for (size_t i = 0; i < count; i++) {
-      float want = 0;
-      for (int q = 0; q < n; q++) want += input(q, r * count + i);
-      ASSERT_EQ(mine[i], want) << "reduce_scatter rank " << r << " i " << i;
+    // reduce_scatter: block q of rank r's input is input(r, q*count + i);
+    // PREMUL_SUM scales a copy of the input (serial items), which stays intact
+    for (RedOp op : {RedOp::kSum, RedOp::kPremulSum}) {
+      std::vector<float> full = inputs(r, count * n), mine(count, -1.f);
+      std::vector<const void*> blocks;
+      for (int q = 0; q < n; q++) blocks.push_back(full.data() + q * count);
+      ASSERT_EQ(makeReduceScatter(c, blocks, mine.data(), count, DataType::kFloat32, op, 0.5, &t),
+                tcpxSuccess);
+      ASSERT_TRUE(run(c, t).ok());
+      for (size_t i = 0; i < count; i++)
+        ASSERT_EQ(mine[i], allreduceRef(op, n, r * count + i)) << "reduce_scatter rank " << r << " i " << i;
+      for (size_t i = 0; i < count * n; i++) ASSERT_EQ(full[i], input(r, i)) << "input modified";
     }
-    for (size_t i = 0; i < count * n; i++) ASSERT_EQ(full[i], input(r, i)) << "input modified";
     // reduce to rank 0 (chain above the threshold)
     std::vector<float> red = inputs(r, count);
     ASSERT_EQ(makeReduce(c, cfg, red.data(), count, DataType::kFloat32, RedOp::kSum, 1.0, 0, &t),
@@ -348,50 +359,6 @@ TEST_P(DeviceStageTest, DataMovementAndReductionsMatchReference) {
       for (size_t i = 0; i < count; i++)
         ASSERT_EQ(rbuf[q * count + i], static_cast<float>(q * 100 + r + i % 7));
   });
-}
-
-// AVG and PREMUL_SUM: the scaling and division are serial items, which the
-// out-of-order fake runs only after everything before them.
-TEST_P(DeviceStageTest, AvgAndPremulSumMatchReference) {
-  const int n = GetParam();
-  StagedGroup g(n);
-  ASSERT_TRUE(g.ok());
-  CollConfig cfg;
-  cfg.threshold = 512;
-  runRanks(n, [&](int r) {
-    for (size_t count : {size_t{3}, size_t{700}}) {
-      for (RedOp op : {RedOp::kAvg, RedOp::kPremulSum}) {
-        std::vector<float> buf = inputs(r, count);
-        std::shared_ptr<CollectiveTask> t;
-        ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, buf.data(), count, DataType::kFloat32, op, 0.5, &t),
-                  tcpxSuccess);
-        TaskResult res = run(*g.comms[r], t);
-        ASSERT_TRUE(res.ok()) << res.message;
-        for (size_t i = 0; i < count; i++) {
-          float sum = 0;
-          for (int q = 0; q < n; q++) sum += op == RedOp::kPremulSum ? 0.5f * input(q, i) : input(q, i);
-          const float want = op == RedOp::kAvg ? sum / static_cast<float>(n) : sum;
-          ASSERT_EQ(buf[i], want) << redOpName(op) << " rank " << r << " count " << count << " i " << i;
-        }
-      }
-      // reduce_scatter PREMUL_SUM scales a copy of the input, which must stay intact.
-      std::vector<float> full = inputs(r, count * n), mine(count, -1.f);
-      std::vector<const void*> blocks;
-      for (int q = 0; q < n; q++) blocks.push_back(full.data() + q * count);
-      std::shared_ptr<CollectiveTask> t;
-      ASSERT_EQ(makeReduceScatter(*g.comms[r], blocks, mine.data(), count, DataType::kFloat32,
-                                  RedOp::kPremulSum, 0.5, &t),
-                tcpxSuccess);
-      ASSERT_TRUE(run(*g.comms[r], t).ok());
-      for (size_t i = 0; i < count; i++) {
-        float want = 0;
-        for (int q = 0; q < n; q++) want += 0.5f * input(q, r * count + i);
-        ASSERT_EQ(mine[i], want) << "reduce_scatter rank " << r << " i " << i;
-      }
-      for (size_t i = 0; i < count * n; i++) ASSERT_EQ(full[i], input(r, i)) << "input modified";
-    }
-  });
-  for (auto& s : g.stages) EXPECT_TRUE(s->opsBalanced());
 }
 
 // A task does not start before its op kernel runs (the caller's stream has
