@@ -445,13 +445,14 @@ void WorkTCPX::complete(const TaskResult& result) {
   } else {
     error = toException(result);
   }
-  // CUDA ops complete on a completion thread too: a device Future creates
-  // and records CUDA events, which the worker must never do (it may block
-  // while a kernel waits for the worker; see transport/cuda_stage.cu).
+  // Called on the worker for CPU ops, and already on a completion thread for
+  // CUDA ops (enqueue posts their whole completion: the worker never calls
+  // CUDA, and a device Future records events). A Future handed out moves
+  // completion to a completion thread, so its callbacks never run on the worker.
   bool inlineNow;
   {
     std::lock_guard<std::mutex> lk(futureMu_);
-    inlineNow = !futureRequested_ && !completionStream;
+    inlineNow = !futureRequested_;
     completingInline_ = inlineNow;
   }
   if (inlineNow) {

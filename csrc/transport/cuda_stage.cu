@@ -512,30 +512,18 @@ class CudaStage final : public DeviceStage {
   tcpxResult_t scale(void* buf, size_t count, DataType dtype, double factor) override {
     if (!isFloating(dtype))
       TCPX_ERR(tcpxInternalError, "PREMUL_SUM scaling is not defined for %s", dataTypeName(dtype));
-    if (!count) return tcpxSuccess;
     Command c{};
-    c.type = kCmdScale;
-    c.flags = kCmdSerial;
-    c.dtype = static_cast<uint32_t>(dtype);
-    c.dst = reinterpret_cast<uint64_t>(buf);
-    c.bytes = count;
     c.arg.factor = factor;
-    return postBound(c, true);
+    return postElementwise(kCmdScale, buf, count, dtype, c);
   }
 
   tcpxResult_t divide(void* buf, size_t count, DataType dtype, int64_t divisor) override {
     if (dtype == DataType::kBool || divisor <= 0)
       TCPX_ERR(tcpxInternalError, "AVG by %lld is not defined for %s", (long long)divisor,
                dataTypeName(dtype));
-    if (!count) return tcpxSuccess;
     Command c{};
-    c.type = kCmdDivide;
-    c.flags = kCmdSerial;
-    c.dtype = static_cast<uint32_t>(dtype);
-    c.dst = reinterpret_cast<uint64_t>(buf);
-    c.bytes = count;
     c.arg.divisor = divisor;
-    return postBound(c, true);
+    return postElementwise(kCmdDivide, buf, count, dtype, c);
   }
 
   tcpxResult_t record(uint64_t* ticket) override {
@@ -584,6 +572,18 @@ class CudaStage final : public DeviceStage {
   static bool isFloating(DataType t) {
     return t == DataType::kFloat32 || t == DataType::kFloat64 || t == DataType::kFloat16 ||
            t == DataType::kBFloat16;
+  }
+
+  // A serial element-wise command (scale, divide) on `count` elements of buf;
+  // `c` carries its argument.
+  tcpxResult_t postElementwise(CmdType type, void* buf, size_t count, DataType dtype, Command& c) {
+    if (!count) return tcpxSuccess;
+    c.type = type;
+    c.flags = kCmdSerial;
+    c.dtype = static_cast<uint32_t>(dtype);
+    c.dst = reinterpret_cast<uint64_t>(buf);
+    c.bytes = count;
+    return postBound(c, true);
   }
 
   tcpxResult_t postBound(Command& c, bool serial) {

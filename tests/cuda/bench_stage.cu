@@ -26,23 +26,11 @@ using namespace tcpx;
 
 namespace {
 
-#define TCPX_OK(x)                                                                      \
-  do {                                                                                  \
-    if ((x) != tcpxSuccess) {                                                           \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, lastError().c_str()); \
-      exit(2);                                                                          \
-    }                                                                                   \
-  } while (0)
 
 using Clock = std::chrono::steady_clock;
 
 double usSince(Clock::time_point t0) {
   return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-}
-
-void waitTicket(DeviceStage& s, uint64_t t) {
-  bool done = false;
-  while (!done) TCPX_OK(s.query(t, &done));
 }
 
 enum class Kind { kStage, kUnpack, kReduce };

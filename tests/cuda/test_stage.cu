@@ -36,19 +36,7 @@ namespace {
 
 std::atomic<const char*> phase{"start"};
 
-#define TCPX_OK(x)                                                                      \
-  do {                                                                                  \
-    if ((x) != tcpxSuccess) {                                                           \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, lastError().c_str()); \
-      exit(2);                                                                          \
-    }                                                                                   \
-  } while (0)
 
-
-void waitTicket(DeviceStage& s, uint64_t t) {
-  bool done = false;
-  while (!done) TCPX_OK(s.query(t, &done));
-}
 
 void waitStarted(DeviceStage& s, uint64_t op) {
   while (!s.started(op)) std::this_thread::yield();
