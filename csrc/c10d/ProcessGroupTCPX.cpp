@@ -276,6 +276,19 @@ std::vector<P> dataPtrs(const std::vector<at::Tensor>& ts) {
   return v;
 }
 
+// Raises ValueError unless every tensor of `lists` is on one device: the
+// ops of a coalesced call complete as one Work, which runs on one stream.
+void checkOneDevice(const char* op, std::initializer_list<const std::vector<at::Tensor>*> lists) {
+  std::optional<c10::Device> first;
+  for (const auto* l : lists)
+    for (const at::Tensor& t : *l) {
+      if (!first) first = t.device();
+      TORCH_CHECK_VALUE(t.device() == *first, "tcpx ", op,
+                        ": all tensors of one call must be on the same device; got ",
+                        first->str(), " and ", t.device().str());
+    }
+}
+
 // A pinned host tensor shaped like CUDA tensor `t` (from PyTorch's caching
 // host allocator), through which a point-to-point message travels; `t`
 // itself for a CPU tensor.
@@ -558,6 +571,7 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
   commOptions_ = o;
   cudaWait_ = params->cudaWait;
   cudaBlocks_ = params->cudaBlocks;
+  cudaChunkBytes_ = params->cudaChunkBytes;
   check(Communicator::create(o, &comm_));
   static std::once_flag printed;
   std::call_once(printed, [&] {
@@ -700,6 +714,7 @@ Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* o
   auto state = std::make_unique<CudaState>(device);
   CommOptions o = commOptions_;
   o.name += "/cuda";
+  o.chunkBytes = cudaChunkBytes_;
   o.store = std::make_shared<C10dStore>(c10::make_intrusive<c10d::PrefixStore>("cuda", store_));
   check(createCudaStage(device.index(), cudaBlocks_, &o.stage));
   cudaError_t e = cudaHostAlloc(reinterpret_cast<void**>(&state->flags),
@@ -1133,6 +1148,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_into_tensor_coalesced
   OpGuard guard(this, "all_gather_into_tensor_coalesced", true);
   TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx all_gather_into_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
+  checkOneDevice("all_gather_into_tensor_coalesced", {&outputs, &inputs});
   return coalesce(c10d::OpType::COALESCED, "tcpx:all_gather_into_tensor_coalesced", [&] {
     for (size_t i = 0; i < inputs.size(); i++) _allgather_base(outputs[i], inputs[i], opts);
   });
@@ -1141,6 +1157,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allgather_into_tensor_coalesced
 c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce_coalesced(
     std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) {
   OpGuard guard(this, "all_reduce_coalesced", true);
+  checkOneDevice("all_reduce_coalesced", {&tensors});
   return coalesce(c10d::OpType::ALLREDUCE_COALESCED, "tcpx:all_reduce_coalesced", [&] {
     for (at::Tensor& t : tensors) {
       std::vector<at::Tensor> one{t};
@@ -1155,6 +1172,7 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::reduce_scatter_tensor_coalesced
   OpGuard guard(this, "reduce_scatter_tensor_coalesced", true);
   TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "tcpx reduce_scatter_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs (they must pair up)");
+  checkOneDevice("reduce_scatter_tensor_coalesced", {&outputs, &inputs});
   // (OpType::REDUCE_SCATTER_TENSOR_COALESCED does not exist in torch 2.11.)
   return coalesce(c10d::OpType::COALESCED,
                   "tcpx:reduce_scatter_tensor_coalesced", [&] {

@@ -169,8 +169,10 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
   }
   if (const char* v = get("TCPX_NCHANNELS"))
     TCPX_CHECK(parseInt("TCPX_NCHANNELS", v, 1, 32, &p.nchannels));
-  if (const char* v = get("TCPX_CHUNK_BYTES"))
+  if (const char* v = get("TCPX_CHUNK_BYTES")) {
     TCPX_CHECK(parseBytes("TCPX_CHUNK_BYTES", v, 4096, 256ull << 20, &p.chunkBytes));
+    p.cudaChunkBytes = p.chunkBytes;
+  }
   if (const char* v = get("TCPX_BUFFERS"))
     TCPX_CHECK(parseInt("TCPX_BUFFERS", v, 2, 256, &p.buffers));
   if (const char* v = get("TCPX_SLICE_BYTES"))
@@ -220,11 +222,11 @@ tcpxResult_t getParams(const Params** out) {
 std::string describeParams(const Params& p) {
   return strFormat(
       "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d TCPX_NTHREADS=%d "
-      "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu TCPX_BUFFERS=%d TCPX_SLICE_BYTES=%zu "
+      "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu (CUDA: %zu) TCPX_BUFFERS=%d TCPX_SLICE_BYTES=%zu "
       "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
       "TCPX_CUDA_WAIT=%s TCPX_CUDA_BLOCKS=%d",
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,
-      p.nthreads, p.nchannels, p.chunkBytes, p.buffers, p.sliceBytes, p.inlineBytes,
+      p.nthreads, p.nchannels, p.chunkBytes, p.cudaChunkBytes, p.buffers, p.sliceBytes, p.inlineBytes,
       p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs,
       p.cudaWait.c_str(), p.cudaBlocks);
 }

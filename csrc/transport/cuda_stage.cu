@@ -55,7 +55,8 @@ constexpr int kWarpsPerBlock = kOpThreads / kWarp;
 constexpr uint64_t kIndexMask = (1u << 20) - 1;
 
 enum CmdType : uint32_t { kCmdCopy = 1, kCmdUnpack, kCmdReduce, kCmdScale, kCmdDivide, kCmdEnd };
-constexpr uint32_t kCmdSerial = 1;  // waits for every earlier command of the op
+constexpr uint32_t kCmdSerial = 1;   // waits for every earlier command of the op
+constexpr uint32_t kCmdHostDst = 2;  // writes pinned host memory (a system-scope fence after it)
 
 // One command; `tag` is written last and names the op and the command's
 // index, so that a slot left over from an earlier op or lap never matches.
@@ -94,6 +95,14 @@ struct RecordState {
 __device__ __forceinline__ uint64_t loadAcquireSys(const volatile uint64_t* p) {
   uint64_t v;
   asm volatile("ld.acquire.sys.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 loadVolatile16(const volatile void* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
   return v;
 }
 __device__ __forceinline__ void storeReleaseSys(volatile uint64_t* p, uint64_t v) {
@@ -188,6 +197,21 @@ __device__ void runCommand(const Command& c, const LoadMeta* pages) {
   }
 }
 
+#ifdef TCPX_STAGE_TIMING
+// tests/cuda/bench_stage.cu only: block 0's %globaltimer (ns) per command
+// index: tag seen, command read, own part written, every block arrived.
+__device__ unsigned long long gStageTimes[kRing][4];
+__device__ __forceinline__ void stamp(uint64_t i, int k) {
+  if (blockIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    gStageTimes[i % kRing][k] = t;
+  }
+}
+#else
+__device__ __forceinline__ void stamp(uint64_t, int) {}
+#endif
+
 // The op kernel: runs op `op`'s commands from `rec` until its END.
 __global__ void __launch_bounds__(kOpThreads) opKernel(OpRecord* rec, RecordState* st, uint64_t op,
                                                        const LoadMeta* pages) {
@@ -195,37 +219,47 @@ __global__ void __launch_bounds__(kOpThreads) opKernel(OpRecord* rec, RecordStat
   if (blockIdx.x == 0 && threadIdx.x == 0) storeReleaseSys(&rec->started, op);
   uint64_t i = 0;
   for (;; i++) {
-    if (threadIdx.x == 0) {
+    if (threadIdx.x < kWarp) {  // warp 0 reads the command
       volatile Command* c = &rec->ring[i % kRing];
-      const uint64_t want = tagOf(op, i);
-      for (int spins = 0; loadAcquireSys(&c->tag) != want; spins++)
-        if (spins > 16) __nanosleep(spins > 4096 ? 2000 : 100);
-      cmd.type = c->type;
-      cmd.flags = c->flags;
-      cmd.dtype = c->dtype;
-      cmd.redop = c->redop;
-      cmd.dst = c->dst;
-      cmd.src = c->src;
-      cmd.own = c->own;
-      cmd.bytes = c->bytes;
-      cmd.arg.divisor = c->arg.divisor;  // the union's bits
-      if (cmd.flags & kCmdSerial)
-        while (*reinterpret_cast<volatile unsigned long long*>(&st->done) < i) __nanosleep(100);
+      if (threadIdx.x == 0) {
+        const uint64_t want = tagOf(op, i);
+        for (int spins = 0; loadAcquireSys(&c->tag) != want; spins++)
+          if (spins > 16) __nanosleep(spins > 4096 ? 2000 : 100);
+        stamp(i, 0);
+      }
+      __syncwarp();  // orders the lanes' loads after lane 0's acquire
+      // The body in one instruction of four lanes (one PCIe round trip, ~4
+      // us here): field by field took ten, and four loads of one thread four.
+      if (threadIdx.x < 4)
+        reinterpret_cast<uint4*>(&cmd)[threadIdx.x] =
+            loadVolatile16(reinterpret_cast<const volatile uint4*>(c) + threadIdx.x);
+      __syncwarp();
+      if (threadIdx.x == 0) {
+        stamp(i, 1);
+        if (cmd.flags & kCmdSerial)
+          while (*reinterpret_cast<volatile unsigned long long*>(&st->done) < i) __nanosleep(100);
+      }
     }
     __syncthreads();
     if (cmd.type == kCmdEnd) break;
     runCommand(cmd, pages);
     __syncthreads();  // the block's part is written, and cmd may be reused
     if (threadIdx.x == 0) {
-      __threadfence_system();  // the block's writes (host or device) before its arrival
+      // The block's writes before its arrival. Pinned memory (a staging copy
+      // the host sends next) needs a system-scope fence; device memory is
+      // read only by later commands and stream work, and block 0's release
+      // of `done` at system scope carries it on (causality is transitive).
+      if (cmd.flags & kCmdHostDst) __threadfence_system();
+      else __threadfence();
+      stamp(i, 2);
       atomicAdd(&st->arrive[i % kRing], 1u);
       if (blockIdx.x == 0) {
         volatile unsigned int* a = &st->arrive[i % kRing];
         while (*a < gridDim.x) {
         }
+        stamp(i, 3);
         *a = 0;
         *reinterpret_cast<volatile unsigned long long*>(&st->done) = i + 1;
-        __threadfence_system();
         storeReleaseSys(&rec->done, i + 1);
       }
     }
@@ -346,21 +380,24 @@ class CudaStage final : public DeviceStage {
 
   // ------------------------------------------------------------- memory
   void* allocHost(size_t bytes) override {
-    std::lock_guard<std::mutex> lk(hostMu_);
-    size_t size = bucket(bytes, 64 * 1024);
-    auto& list = freeHost_[size];
-    if (!list.empty()) {
-      void* p = list.back();
-      list.pop_back();
-      hostSize_[p].second = false;
-      return p;
+    const size_t size = bucket(bytes, 64 * 1024);
+    {
+      std::lock_guard<std::mutex> lk(hostMu_);
+      auto& list = freeHost_[size];
+      if (!list.empty()) {
+        void* p = list.back();
+        list.pop_back();
+        hostSize_[p].second = false;
+        return p;
+      }
+      if (reserved_ && !warnedGrow_) {
+        warnedGrow_ = true;
+        TCPX_WARN("CUDA stage: the pinned pool is used up (a group of more than 17 ranks?); "
+                  "allocating more from the communicator's thread can stall it behind a "
+                  "synchronous CUDA call of another thread");
+      }
     }
-    if (reserved_ && !warnedGrow_) {
-      warnedGrow_ = true;
-      TCPX_WARN("CUDA stage: the pinned pool is used up (a group of more than 17 ranks?); "
-                "allocating more from the communicator's thread can stall it behind a "
-                "synchronous CUDA call of another thread");
-    }
+    // Outside the lock: the call may block, and workers take the lock (isPinned).
     DeviceGuard g(dev_);
     void* p = nullptr;
     // Portable: usable from every device; with unified addressing (every
@@ -369,6 +406,7 @@ class CudaStage final : public DeviceStage {
       cudaGetLastError();
       return nullptr;
     }
+    std::lock_guard<std::mutex> lk(hostMu_);
     hostSize_[p] = {size, false};
     return p;
   }
@@ -482,7 +520,7 @@ class CudaStage final : public DeviceStage {
     if (!bytes || dst == src) return tcpxSuccess;
     Command c{};
     c.type = kCmdCopy;
-    c.flags = serial ? kCmdSerial : 0;
+    c.flags = (serial ? kCmdSerial : 0) | (isPinned(dst) ? kCmdHostDst : 0);
     c.dst = reinterpret_cast<uint64_t>(dst);
     c.src = reinterpret_cast<uint64_t>(src);
     c.bytes = bytes;
@@ -569,6 +607,15 @@ class CudaStage final : public DeviceStage {
     bool serialNext = false;  // the next command waits for a serial one
   };
 
+  // Whether p lies in one of the stage's pinned blocks.
+  bool isPinned(const void* p) {
+    std::lock_guard<std::mutex> lk(hostMu_);
+    auto it = hostSize_.upper_bound(const_cast<void*>(p));
+    if (it == hostSize_.begin()) return false;
+    --it;
+    return static_cast<const char*>(p) < static_cast<const char*>(it->first) + it->second.first;
+  }
+
   static bool isFloating(DataType t) {
     return t == DataType::kFloat32 || t == DataType::kFloat64 || t == DataType::kFloat16 ||
            t == DataType::kBFloat16;
@@ -641,6 +688,13 @@ class CudaStage final : public DeviceStage {
 };
 
 }  // namespace
+
+#ifdef TCPX_STAGE_TIMING
+// The stamps of command indexes [0, n) of the last op (bench_stage.cu).
+void stageTimes(unsigned long long (*out)[4], int n) {
+  cudaMemcpyFromSymbol(out, gStageTimes, sizeof(unsigned long long) * 4 * std::min(n, kRing));
+}
+#endif
 
 tcpxResult_t createCudaStage(int device, int blocks, std::shared_ptr<DeviceStage>* out) {
   auto s = std::make_shared<CudaStage>(device, blocks);

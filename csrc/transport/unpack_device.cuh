@@ -19,6 +19,18 @@ namespace tcpx {
 namespace unpack_device {
 
 constexpr int kWarp = 32;
+// Vectors per lane in flight: copies 8 (8 x 16 B x 32 lanes = one 4 KiB
+// page), reductions 2 per operand (more spills registers in the op kernel,
+// which has 128 per thread at 512 threads a block). Overridable at build
+// time for tests/cuda/bench_stage.cu only.
+#ifndef TCPX_COPY_UNROLL
+#define TCPX_COPY_UNROLL 8
+#endif
+#ifndef TCPX_REDUCE_UNROLL
+#define TCPX_REDUCE_UNROLL 2
+#endif
+constexpr int kUnroll = TCPX_COPY_UNROLL;
+constexpr int kReduceUnroll = TCPX_REDUCE_UNROLL;
 
 // One 16-byte load (the record is 16-byte aligned); the length is cut at
 // `limit` bytes of the destination.
@@ -44,7 +56,18 @@ __device__ __forceinline__ void copyVec(char* dst, const char* src, uint32_t len
   const uint32_t n = (len - head) / sizeof(V);
   V* d = reinterpret_cast<V*>(dst + head);
   const V* s = reinterpret_cast<const V*>(src + head);
-  for (uint32_t i = lane; i < n; i += kWarp) d[i] = s[i];
+  // kUnroll loads issued before any store: a load from pinned host memory
+  // is a PCIe round trip (~1-2 us), so one in flight per lane would make a
+  // 4 KiB page cost eight of them; with 16-byte vectors a page is one batch.
+  uint32_t i = lane;
+  for (; i + (kUnroll - 1) * kWarp < n; i += kUnroll * kWarp) {
+    V v[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; k++) v[k] = s[i + k * kWarp];
+#pragma unroll
+    for (int k = 0; k < kUnroll; k++) d[i + k * kWarp] = v[k];
+  }
+  for (; i < n; i += kWarp) d[i] = s[i];
   for (uint32_t i = head + n * sizeof(V) + lane; i < len; i += kWarp) dst[i] = src[i];
 }
 
@@ -147,14 +170,32 @@ __device__ __forceinline__ void reduceFragment(const LoadMeta& m, const char* bo
   if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(d) |
         reinterpret_cast<uintptr_t>(o)) % sizeof(uint4)) == 0) {
     const uint32_t nv = n / kVec;
-    for (uint32_t i = lane; i < nv; i += kWarp) {
-      uint4 a = reinterpret_cast<const uint4*>(o)[i];
-      const uint4 b = reinterpret_cast<const uint4*>(src)[i];
-      S* pa = reinterpret_cast<S*>(&a);
-      const S* pb = reinterpret_cast<const S*>(&b);
+    const uint4* ov = reinterpret_cast<const uint4*>(o);
+    const uint4* bv = reinterpret_cast<const uint4*>(src);
+    uint4* dv = reinterpret_cast<uint4*>(d);
+    // Every load of a batch issued before the first store (see copyVec).
+    constexpr int kBatch = kReduceUnroll;
+    uint32_t i = lane;
+    for (; i < nv; i += kBatch * kWarp) {
+      uint4 a[kBatch], b[kBatch];
 #pragma unroll
-      for (uint32_t k = 0; k < kVec; k++) pa[k] = Arith<T>::apply(pa[k], pb[k], op);
-      reinterpret_cast<uint4*>(d)[i] = a;
+      for (int u = 0; u < kBatch; u++) {
+        const uint32_t j = i + u * kWarp;
+        if (j < nv) {
+          a[u] = ov[j];
+          b[u] = bv[j];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; u++) {
+        const uint32_t j = i + u * kWarp;
+        if (j >= nv) break;
+        S* pa = reinterpret_cast<S*>(&a[u]);
+        const S* pb = reinterpret_cast<const S*>(&b[u]);
+#pragma unroll
+        for (uint32_t k = 0; k < kVec; k++) pa[k] = Arith<T>::apply(pa[k], pb[k], op);
+        dv[j] = a[u];
+      }
     }
     done = nv * kVec;
   }

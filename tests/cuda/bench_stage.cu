@@ -9,6 +9,11 @@
 //   nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/bench_stage.cu csrc/transport/cuda_stage.cu \
 //     csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/bench_stage && /tmp/bench_stage [blocks...]
 // Prints one table per block count (TCPX_CUDA_BLOCKS), times in µs, GB/s = 1e9 B/s.
+// Built with -DTCPX_STAGE_TIMING (both files), it also splits the median
+// latency with block 0's %globaltimer stamps: read = tag seen to command
+// read, work = to its own part written and fenced, gather = to every block
+// arrived; host = the rest of the round trip (post to tag seen, done
+// written to the host seeing it).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -24,8 +29,20 @@
 
 using namespace tcpx;
 
+#ifdef TCPX_STAGE_TIMING
+namespace tcpx {
+void stageTimes(unsigned long long (*out)[4], int n);
+}
+#endif
+
 namespace {
 
+#ifdef TCPX_STAGE_TIMING
+constexpr bool kTiming = true;
+constexpr int kRingStamps = 21;
+#else
+constexpr bool kTiming = false;
+#endif
 
 using Clock = std::chrono::steady_clock;
 
@@ -64,18 +81,21 @@ void run(int blocks) {
   cudaStream_t stream;
   CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   CUDA_OK(cudaDeviceSynchronize());
-  uint64_t op;
-  auto t0 = Clock::now();
-  TCPX_OK(s.launch(stream, &op));
-  while (!s.started(op)) std::this_thread::yield();
-  const double startUs = usSince(t0);
-  s.bind(op);
-  printf("\n# op kernel, %d blocks: launch to started %.1f us\n", blocks, startUs);
-  printf("# %-22s %10s %14s %14s %12s\n", "command", "bytes", "latency (us)", "stream (us)", "GB/s");
+  printf("\n# op kernel, %d blocks\n", blocks);
+  printf("# %-22s %10s %9s %14s %14s %12s%s\n", "command", "bytes", "start", "latency (us)",
+         "stream (us)", "GB/s", kTiming ? "   read   work gather   host" : "");
+  const int reps = 21;
   for (Kind k : {Kind::kStage, Kind::kUnpack, Kind::kReduce}) {
     for (size_t bytes : {size_t{4}, size_t{65536}, size_t{524288}, size_t{4} << 20}) {
+      // One op per row: its command indexes start at 0 (the stamps' slots).
+      uint64_t op;
+      auto t0 = Clock::now();
+      TCPX_OK(s.launch(stream, &op));
+      while (!s.started(op)) std::this_thread::yield();
+      const double startUs = usSince(t0);
+      s.bind(op);
       std::vector<double> lat;
-      for (int rep = 0; rep < 21; rep++) {
+      for (int rep = 0; rep < reps; rep++) {
         uint64_t t;
         auto t1 = Clock::now();
         TCPX_OK(give(s, k, dev, pinned[0], bytes));
@@ -83,6 +103,7 @@ void run(int blocks) {
         waitTicket(s, t);
         lat.push_back(usSince(t1));
       }
+      const std::vector<double> lat0 = lat;
       std::nth_element(lat.begin(), lat.begin() + lat.size() / 2, lat.end());
       uint64_t t;
       auto t2 = Clock::now();
@@ -91,12 +112,26 @@ void run(int blocks) {
       TCPX_OK(s.record(&t));
       waitTicket(s, t);
       const double us = usSince(t2) / count;
-      printf("  %-22s %10zu %14.1f %14.1f %12.2f\n", kindName(k), bytes, lat[lat.size() / 2], us,
-             bytes / us / 1e3);
+      TCPX_OK(s.end(op));
+      CUDA_OK(cudaStreamSynchronize(stream));
+      printf("  %-22s %10zu %9.1f %14.1f %14.1f %12.2f", kindName(k), bytes, startUs,
+             lat[lat.size() / 2], us, bytes / us / 1e3);
+#ifdef TCPX_STAGE_TIMING
+      unsigned long long st[kRingStamps][4];
+      stageTimes(st, reps);
+      std::vector<double> part[4];
+      for (int r = 0; r < reps; r++) {
+        for (int j = 0; j < 3; j++) part[j].push_back((st[r][j + 1] - st[r][j]) / 1e3);
+        part[3].push_back(lat0[r] - (st[r][3] - st[r][0]) / 1e3);
+      }
+      for (auto& v : part) {
+        std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+        printf(" %6.1f", v[v.size() / 2]);
+      }
+#endif
+      printf("\n");
     }
   }
-  TCPX_OK(s.end(op));
-  CUDA_OK(cudaStreamSynchronize(stream));
   for (void* p : pinned) s.freeHost(p);
   CUDA_OK(cudaStreamDestroy(stream));
   CUDA_OK(cudaFree(dev));
