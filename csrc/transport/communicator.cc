@@ -656,6 +656,8 @@ struct Communicator::Impl {
           return true;
         }
         if (!done) break;
+        TCPX_TRACE(kLogTransport, "%s: step %u sent (to rank %d)", who().c_str(),
+                   ps.inflight.front().step, p);
         if (ps.inflight.front().pinned) {
           dev->freeHost(ps.inflight.front().pinned);
           a.sending.add(-1);
@@ -688,6 +690,7 @@ struct Communicator::Impl {
             return true;
           }
           a.staging.add(1);
+          TCPX_TRACE(kLogTransport, "%s: step %u staging %zu bytes", who().c_str(), s, st.bytes);
           pollDevice = true;
         } else {
           if (!postSend(p, s, st.buf, st.bytes, &f.req)) return true;
@@ -756,6 +759,7 @@ struct Communicator::Impl {
         } else if (dev) {
           // The unpack stage: copy or reduce into place on the comm stream;
           // the step is done (and the bounce buffer free) once it has run.
+          TCPX_TRACE(kLogTransport, "%s: step %u arrived (from rank %d), unpacking", who().c_str(), s, p);
           Unpacking u{s, slot.slot, 0};
           if (dev->unpack(st.buf, st.own, slot.buf, st.bytes,
                           st.type == Schedule::StepType::kRecvReduce, want.dtype,
