@@ -572,6 +572,8 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
   cudaWait_ = params->cudaWait;
   cudaBlocks_ = params->cudaBlocks;
   cudaChunkBytes_ = params->cudaChunkBytes;
+  cudaBuffers_ = params->cudaBuffers;
+  cudaNsocks_ = params->cudaNsocks;
   check(Communicator::create(o, &comm_));
   static std::once_flag printed;
   std::call_once(printed, [&] {
@@ -715,6 +717,8 @@ Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* o
   CommOptions o = commOptions_;
   o.name += "/cuda";
   o.chunkBytes = cudaChunkBytes_;
+  o.buffers = cudaBuffers_;
+  o.nsocks = cudaNsocks_;
   o.store = std::make_shared<C10dStore>(c10::make_intrusive<c10d::PrefixStore>("cuda", store_));
   check(createCudaStage(device.index(), cudaBlocks_, &o.stage));
   cudaError_t e = cudaHostAlloc(reinterpret_cast<void**>(&state->flags),

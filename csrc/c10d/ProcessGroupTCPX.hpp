@@ -256,7 +256,9 @@ class ProcessGroupTCPX : public c10d::Backend {
   CommOptions commOptions_;          // the CPU communicator's, the base of the CUDA one's
   std::string cudaWait_;             // TCPX_CUDA_WAIT: kernel | memop | host
   int cudaBlocks_ = 8;               // TCPX_CUDA_BLOCKS
-  size_t cudaChunkBytes_ = 4 << 20;  // TCPX_CHUNK_BYTES of the CUDA communicator
+  // The CUDA communicator's TCPX_CHUNK_BYTES, TCPX_BUFFERS, TCPX_NSOCKS.
+  size_t cudaChunkBytes_ = 8 << 20;
+  int cudaBuffers_ = 4, cudaNsocks_ = 8;
   CollConfig collConfig_;
   std::chrono::milliseconds timeout_;
   std::string groupName_;

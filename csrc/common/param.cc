@@ -157,7 +157,10 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
       TCPX_ERR(tcpxInvalidArgument,
                "TCPX_SOCKET_FAMILY='%s' is invalid: expected AF_INET or AF_INET6", v);
   }
-  if (const char* v = get("TCPX_NSOCKS")) TCPX_CHECK(parseInt("TCPX_NSOCKS", v, 1, 64, &p.nsocks));
+  if (const char* v = get("TCPX_NSOCKS")) {
+    TCPX_CHECK(parseInt("TCPX_NSOCKS", v, 1, 64, &p.nsocks));
+    p.cudaNsocks = p.nsocks;
+  }
   if (const char* v = get("TCPX_NTHREADS")) {
     TCPX_CHECK(parseInt("TCPX_NTHREADS", v, 1, 64, &p.nthreads));
   } else {
@@ -173,8 +176,10 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
     TCPX_CHECK(parseBytes("TCPX_CHUNK_BYTES", v, 4096, 256ull << 20, &p.chunkBytes));
     p.cudaChunkBytes = p.chunkBytes;
   }
-  if (const char* v = get("TCPX_BUFFERS"))
+  if (const char* v = get("TCPX_BUFFERS")) {
     TCPX_CHECK(parseInt("TCPX_BUFFERS", v, 2, 256, &p.buffers));
+    p.cudaBuffers = p.buffers;
+  }
   if (const char* v = get("TCPX_SLICE_BYTES"))
     TCPX_CHECK(parseBytes("TCPX_SLICE_BYTES", v, 4096, 256ull << 20, &p.sliceBytes));
   if (const char* v = get("TCPX_INLINE_BYTES"))
@@ -199,7 +204,7 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
 
 int autoThreads(int cpus, int localWorldSize) {
   int t = cpus / (2 * std::max(1, localWorldSize));
-  return std::max(1, std::min(4, t));
+  return std::max(1, std::min(8, t));
 }
 
 tcpxResult_t getParams(const Params** out) {
@@ -221,12 +226,12 @@ tcpxResult_t getParams(const Params** out) {
 
 std::string describeParams(const Params& p) {
   return strFormat(
-      "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d TCPX_NTHREADS=%d "
-      "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu (CUDA: %zu) TCPX_BUFFERS=%d TCPX_SLICE_BYTES=%zu "
+      "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d (CUDA: %d) TCPX_NTHREADS=%d "
+      "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu (CUDA: %zu) TCPX_BUFFERS=%d (CUDA: %d) TCPX_SLICE_BYTES=%zu "
       "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
       "TCPX_CUDA_WAIT=%s TCPX_CUDA_BLOCKS=%d",
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,
-      p.nthreads, p.nchannels, p.chunkBytes, p.cudaChunkBytes, p.buffers, p.sliceBytes, p.inlineBytes,
+      p.cudaNsocks, p.nthreads, p.nchannels, p.chunkBytes, p.cudaChunkBytes, p.buffers, p.cudaBuffers, p.sliceBytes, p.inlineBytes,
       p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs,
       p.cudaWait.c_str(), p.cudaBlocks);
 }

@@ -26,10 +26,14 @@ struct Params {
   int nthreads = 1;                         // TCPX_NTHREADS: socket progress threads per process (default: autoThreads)
   int nchannels = 1;                        // TCPX_NCHANNELS: channels per peer
   size_t chunkBytes = 512 * 1024;           // TCPX_CHUNK_BYTES: pipeline chunk = bounce buffer size
-  // The chunk of CUDA tensors' communicator: every chunk costs the op kernel
-  // a command round trip over PCIe (~25 us), which 512 KiB chunks cannot
-  // amortise (docs/performance.md, 2 x H200). TCPX_CHUNK_BYTES sets both.
-  size_t cudaChunkBytes = 4 * 1024 * 1024;
+  // The CUDA tensors' communicator: every chunk costs the op kernel a
+  // command round trip over PCIe (~25 us), which 512 KiB chunks cannot
+  // amortise, and its host only moves bytes (no reductions), so it gains
+  // from more sockets (docs/performance.md, 2 x H200). TCPX_CHUNK_BYTES,
+  // TCPX_BUFFERS and TCPX_NSOCKS set both.
+  size_t cudaChunkBytes = 8 * 1024 * 1024;
+  int cudaBuffers = 4;  // 32 MiB in flight per peer, 64 MiB pinned
+  int cudaNsocks = 8;
   int buffers = 8;                          // TCPX_BUFFERS: bounce buffers per peer connection
   size_t sliceBytes = 512 * 1024;           // TCPX_SLICE_BYTES: unit a message is cut into across data sockets
   size_t inlineBytes = 16 * 1024;           // TCPX_INLINE_BYTES: messages up to this size ride the control socket

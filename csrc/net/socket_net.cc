@@ -1455,14 +1455,18 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
                "connection handle for rank %u is not a socket-net handle of this version",
                info.dstRank);
     }
+    // The connection's data sockets travel in the hello: the acceptor
+    // takes whatever count the connector chose.
+    const int nsocks = info.nsocks ? static_cast<int>(info.nsocks) : opts_.nsocks;
+    if (nsocks > 64) TCPX_ERR(tcpxInvalidArgument, "nsocks=%d is invalid: expected [1, 64]", nsocks);
     st = new ConnectState();
     st->addr = wh.addr;
     st->addrLen = wh.addrLen;
     st->target = strFormat("rank %u (%s)", info.dstRank, sockaddrToString(&wh.addr.sa, wh.addrLen).c_str());
-    st->socks.resize(1 + static_cast<size_t>(opts_.nsocks));
+    st->socks.resize(1 + static_cast<size_t>(nsocks));
     st->hello.magic = kWireMagic;
     st->hello.version = kWireVersion;
-    st->hello.nsocks = static_cast<uint8_t>(opts_.nsocks);
+    st->hello.nsocks = static_cast<uint8_t>(nsocks);
     randomBytes(&st->hello.connId, sizeof(st->hello.connId));
     memcpy(st->hello.secret, info.secret, kGroupSecretBytes);
     st->hello.srcRank = info.srcRank;
@@ -1498,7 +1502,7 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
     return r;
   }
   TCPX_INFO(kLogNet, "connected to %s (connection %u, %d data sockets)", sc->peer_.c_str(),
-            info.connIndex, opts_.nsocks);
+            info.connIndex, static_cast<int>(sc->socks_.size()) - 1);
   *sendComm = sc;
   return tcpxSuccess;
 }

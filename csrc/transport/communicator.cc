@@ -323,6 +323,7 @@ struct Communicator::Impl {
     info.srcRank = static_cast<uint32_t>(opts.rank);
     info.dstRank = static_cast<uint32_t>(p);
     info.connIndex = static_cast<uint32_t>(li);
+    info.nsocks = static_cast<uint32_t>(opts.nsocks);
     void* comm = nullptr;
     tcpxResult_t r = net->connect(opts.dev, &l.handle, info, &events, opts.timeout.count(), &comm);
     if (r != tcpxSuccess) {

@@ -52,6 +52,7 @@ struct CommOptions {
   int dev = 0;
   size_t chunkBytes = 512 * 1024;  // rank 0's value is adopted by the group
   int buffers = 8;                 // bounce buffers per peer
+  int nsocks = 0;                  // data sockets per connection; 0: the net's default
   int spinUs = 0;                  // busy-poll before sleeping
   // Set: collectives run on device buffers through this stage, and the
   // bounce buffers are pinned host memory from it (transport/stage.h).

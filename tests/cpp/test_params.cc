@@ -30,13 +30,15 @@ tcpxResult_t parseEnv(const Env& env, Params* out) {
 }
 
 TEST(Params, AutoThreads) {
-  // Half the cores per local rank, at least 1, at most 4.
+  // Half the cores per local rank, at least 1, at most 8.
   EXPECT_EQ(autoThreads(2, 4), 1);
   EXPECT_EQ(autoThreads(2, 2), 1);
   EXPECT_EQ(autoThreads(2, 1), 1);
   EXPECT_EQ(autoThreads(16, 2), 4);
   EXPECT_EQ(autoThreads(16, 4), 2);
-  EXPECT_EQ(autoThreads(128, 8), 4);
+  EXPECT_EQ(autoThreads(128, 8), 8);
+  EXPECT_EQ(autoThreads(32, 2), 8);
+  EXPECT_EQ(autoThreads(256, 1), 8);
   EXPECT_EQ(autoThreads(1, 0), 1);
   Params p;
   ASSERT_EQ(parseEnv({{"LOCAL_WORLD_SIZE", "64"}}, &p), tcpxSuccess);
@@ -54,9 +56,9 @@ TEST(Params, Defaults) {
   EXPECT_EQ(p.socketIfname, "");
   EXPECT_EQ(p.socketFamily, 0);
   EXPECT_EQ(p.nsocks, 2);
-  // Unset: half the online cores (no LOCAL_WORLD_SIZE: one local rank), within [1, 4].
+  // Unset: half the online cores (no LOCAL_WORLD_SIZE: one local rank), within [1, 8].
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  EXPECT_EQ(p.nthreads, static_cast<int>(std::max(1L, std::min(4L, cpus / 2))));
+  EXPECT_EQ(p.nthreads, static_cast<int>(std::max(1L, std::min(8L, cpus / 2))));
   EXPECT_EQ(p.nchannels, 1);
   EXPECT_EQ(p.chunkBytes, 512u * 1024);
   EXPECT_EQ(p.buffers, 8);
@@ -66,6 +68,24 @@ TEST(Params, Defaults) {
   EXPECT_EQ(p.algoThreshold, 64u * 1024);
   EXPECT_EQ(p.spinUs, 0);
   EXPECT_EQ(p.gpuNicMap, "");
+  // The CUDA communicator's own defaults.
+  EXPECT_EQ(p.cudaChunkBytes, 8u << 20);
+  EXPECT_EQ(p.cudaBuffers, 4);
+  EXPECT_EQ(p.cudaNsocks, 8);
+}
+
+// TCPX_CHUNK_BYTES, TCPX_BUFFERS and TCPX_NSOCKS, when set, apply to the CPU
+// and the CUDA communicator alike.
+TEST(Params, SetValuesApplyToCuda) {
+  Params p;
+  ASSERT_EQ(parseEnv({{"TCPX_CHUNK_BYTES", "1M"}, {"TCPX_BUFFERS", "6"}, {"TCPX_NSOCKS", "3"}}, &p),
+            tcpxSuccess);
+  EXPECT_EQ(p.chunkBytes, 1u << 20);
+  EXPECT_EQ(p.cudaChunkBytes, 1u << 20);
+  EXPECT_EQ(p.buffers, 6);
+  EXPECT_EQ(p.cudaBuffers, 6);
+  EXPECT_EQ(p.nsocks, 3);
+  EXPECT_EQ(p.cudaNsocks, 3);
 }
 
 // An empty value is the same as an unset variable (`export TCPX_NSOCKS=`).

@@ -335,7 +335,7 @@ struct Link {
 // A null `net` (makeNet failed) fails it.
 ::testing::AssertionResult openLink(Net* net, Link* l, uint32_t srcRank = 1,
                                     uint32_t dstRank = 0, uint32_t connIndex = 0,
-                                    Net* sendNet = nullptr) {
+                                    Net* sendNet = nullptr, uint32_t nsocks = 0) {
   l->net = net;
   l->sendNet = sendNet ? sendNet : net;
   NetListenInfo li = listenInfo(7, dstRank);
@@ -343,6 +343,7 @@ struct Link {
   ::testing::AssertionResult listening = listenOn(net, li, &l->handle, &l->listen);
   if (!listening) return listening;
   l->sent = connectInfo(7, srcRank, dstRank, connIndex);
+  l->sent.nsocks = nsocks;
   tcpxResult_t crc = tcpxSuccess, arc = tcpxSuccess;
   std::string cerr;
   std::thread connector([&] {
@@ -848,6 +849,34 @@ TEST(SocketNet, MismatchedOptionsInteroperate) {
     EXPECT_EQ(ro.size, sizes[i]);
     EXPECT_TRUE(delivered(ro, dst, src, 70 + i)) << "size " << sizes[i];
   }
+}
+
+// A connection's own socket count (NetConnectInfo::nsocks, what the CUDA
+// communicator asks for) differs from both nets' defaults: messages cut into
+// slices over its sockets arrive whole; a count over 64 is refused.
+TEST(SocketNet, PerConnectionSocketCount) {
+  auto rnet = makeNet(1, 64 * 1024, 1024);
+  auto snet = makeNet(2, 64 * 1024, 1024);
+  ASSERT_NE(rnet, nullptr);
+  ASSERT_NE(snet, nullptr);
+  Link l;
+  ASSERT_TRUE(openLink(rnet.get(), &l, 1, 0, 0, snet.get(), /*nsocks=*/6));
+  for (size_t size : {size_t{0}, size_t{1000}, size_t{6 * 64 * 1024 + 7}, size_t{5} << 20}) {
+    std::vector<uint8_t> src = pattern(size, 9100 + size), dst(size, 0xEE);
+    Outcome so, ro;
+    ASSERT_TRUE(transferOne(l, src, &dst, 90, &so, &ro));
+    ASSERT_TRUE(succeeded(so));
+    ASSERT_TRUE(succeeded(ro));
+    EXPECT_TRUE(delivered(ro, dst, src, 90)) << "size " << size;
+  }
+  NetConnectInfo info = connectInfo(7, 1, 0, 1);
+  info.nsocks = 65;
+  NetHandle handle = l.handle;
+  EventCounter ev;
+  void* comm = nullptr;
+  EXPECT_EQ(connectLoop(snet.get(), &handle, info, &ev, &comm), tcpxInvalidArgument);
+  EXPECT_EQ(comm, nullptr);
+  EXPECT_NE(lastError().find("nsocks=65"), std::string::npos) << lastError();
 }
 
 // Receives of capacity 0 with no buffer at all, and sends of 0 bytes from a
