@@ -257,6 +257,9 @@ __global__ void __launch_bounds__(kOpThreads) opKernel(OpRecord* rec, RecordStat
         volatile unsigned int* a = &st->arrive[i % kRing];
         while (*a < gridDim.x) {
         }
+        // Acquire: the blocks' writes that their arrivals release are
+        // ordered before the release of `done` below (cumulativity).
+        __threadfence();
         stamp(i, 3);
         *a = 0;
         *reinterpret_cast<volatile unsigned long long*>(&st->done) = i + 1;
