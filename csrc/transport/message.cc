@@ -44,7 +44,11 @@ std::string describeMismatch(const MsgHeader& e, const MsgHeader& g) {
   if (e.algo != g.algo)
     return "the peer chose another algorithm: its message size (element count) differs, or "
            "TCPX_ALGO/TCPX_ALGO_THRESHOLD differ between ranks";
-  if (e.phash != g.phash) return "the element count (tensor size) or the root differs";
+  // A coalesced batch mixes its length into every message's hash
+  // (makeCoalesced), so batches of different lengths end up here too.
+  if (e.phash != g.phash)
+    return "the element count (tensor size) or the root differs, or the ranks coalesced "
+           "different numbers of operations";
   return "the operations differ";
 }
 

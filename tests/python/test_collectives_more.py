@@ -41,7 +41,6 @@ gather/scatter and a batch_isend_irecv ring at 64 MiB.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -51,10 +50,11 @@ import torch
 import torch.distributed as dist
 
 from testlib import (DTYPE_NAMES, DTYPES, PREMUL_FACTOR_EXACT, PREMUL_FACTOR_RANDN,
-                     REDUCE_OPS, assert_equal, case_seed, check_all_reduce, check_group_usable,
-                     data_kind, dtype_aliases, expect_raises, garbage_like, gen_input,
-                     gloo_gap_all_reduce, gloo_gap_dtype, gloo_lacks, input_kind, invalid_pair,
-                     is_float, make_op, maybe_skip_gloo, numel_of, skip_if_gloo)
+                     REDUCE_OPS, Checks, a2a_units, assert_equal, case_seed, check_all_reduce,
+                     check_group_usable, data_kind, dtype_aliases, expect_raises, garbage_like,
+                     gen_input, gloo_gap_all_reduce, gloo_gap_dtype, gloo_lacks, input_kind,
+                     invalid_pair, is_float, make_op, maybe_skip_gloo, nc_base_shape, nc_mask,
+                     nc_view, numel_of, skip_if_gloo)
 
 WORLD_SIZES = (2, 3, 4)
 FULL = os.environ.get("TCPX_TEST_FULL", "") == "1"
@@ -113,27 +113,6 @@ def _reduction_skip(dtype: str, op: str) -> str | None:
 def _invalid_pair_names(dtype: str, op: str) -> list[str]:
     return [op, op.split("_")[0], *dtype_aliases(DTYPES[dtype])]
 
-
-class Checks:
-    """Collects failed checks so that a rank keeps taking part in the remaining collectives of
-    its case: a rank that stopped at the first wrong value would leave the others waiting in the
-    next collective until the group timeout.  ``done()`` raises them all at the end.  A ``with``
-    block ends at its first failed assertion, so it must not contain collectives."""
-
-    def __init__(self):
-        self.failures: list[str] = []
-
-    @contextlib.contextmanager
-    def __call__(self):
-        try:
-            yield
-        except AssertionError as exc:
-            self.failures.append(str(exc))
-
-    def done(self) -> None:
-        if self.failures:
-            shown = "\n".join(self.failures[:8])
-            raise AssertionError(f"{len(self.failures)} check(s) failed:\n{shown}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,15 +317,6 @@ def test_reduce_scatter(pools, form, ws, size, dtype, op):
 A2A_COLS = 3
 
 
-def _a2a_units(pattern: str, src: int, dst: int, n: int, ws: int) -> int:
-    if pattern == "equal":
-        return n
-    if pattern == "uneven":
-        return (0, n, n // 2 + 1, 2 * n + 1)[(src + 2 * dst) % 4]
-    if pattern == "onehot":
-        return n + src if dst == (src + 1) % ws else 0
-    raise ValueError(pattern)
-
 
 def _a2a_block(seed, src, dst, dtype, units, two_d):
     """What ``src`` sends to ``dst``: any rank can regenerate it."""
@@ -370,8 +340,8 @@ def rank_all_to_all_single(rank, ws, *, dtype, size, seed, patterns):
         for pattern_name in patterns:
             pattern, two_d, units = _a2a_layout(pattern_name, n)
             s = seed + 13 * n
-            in_splits = [_a2a_units(pattern, rank, d, units, ws) for d in range(ws)]
-            out_splits = [_a2a_units(pattern, src, rank, units, ws) for src in range(ws)]
+            in_splits = [a2a_units(pattern, rank, d, units, ws) for d in range(ws)]
+            out_splits = [a2a_units(pattern, src, rank, units, ws) for src in range(ws)]
             x = torch.cat([_a2a_block(s, rank, d, dtype, in_splits[d], two_d)
                            for d in range(ws)])
             x_before = x.clone()
@@ -405,8 +375,8 @@ def rank_all_to_all_list(rank, ws, *, dtype, size, seed, patterns):
     for n in _numels(size, dt):
         for pattern in patterns:
             s = seed + 13 * n
-            in_units = [_a2a_units(pattern, rank, d, n, ws) for d in range(ws)]
-            out_units = [_a2a_units(pattern, src, rank, n, ws) for src in range(ws)]
+            in_units = [a2a_units(pattern, rank, d, n, ws) for d in range(ws)]
+            out_units = [a2a_units(pattern, src, rank, n, ws) for src in range(ws)]
             inputs = [_a2a_block(s, rank, d, dtype, in_units[d], False) for d in range(ws)]
             before = [x.clone() for x in inputs]
             outputs = [garbage_like(torch.empty(k, dtype=dt), s + i)
@@ -909,37 +879,12 @@ def test_coalescing_manager(pools, ws, device, coll, dtype, op):
 NC_ROWS, NC_COLS = 31, 35
 
 
-def _nc_view(layout: str, base: torch.Tensor) -> torch.Tensor:
-    if layout == "stride2":
-        return base.reshape(-1)[::2]
-    if layout == "columns":
-        return base[:, 1:-1]
-    if layout == "transposed":
-        return base.t()
-    raise ValueError(layout)
-
-
-def _nc_base_shape(layout: str, rows: int, cols: int) -> tuple:
-    """Storage shape whose view (see _nc_view) has ``rows`` x ``cols`` elements."""
-    if layout == "stride2":
-        return (2 * rows * cols,)
-    if layout == "columns":
-        return (rows, cols + 2)
-    return (cols, rows)
-
-
-def _nc_mask(layout: str, base: torch.Tensor) -> torch.Tensor:
-    """True where the view does NOT reach: those elements must never change."""
-    mask = torch.ones_like(base, dtype=torch.bool)
-    _nc_view(layout, mask).fill_(False)
-    return mask
-
 
 def _nc_make(layout, rows, cols, dtype, seed, rank, kind):
     """A base filled from (seed, rank) and the view into it (shape (rows, cols), or 1-D)."""
-    shape = _nc_base_shape(layout, rows, cols)
+    shape = nc_base_shape(layout, rows, cols)
     base = gen_input(seed, rank, dtype, math.prod(shape), kind).reshape(shape)
-    return base, _nc_view(layout, base)
+    return base, nc_view(layout, base)
 
 
 def rank_noncontig_reduce(rank, ws, *, layout, dtype, seed):
@@ -953,7 +898,7 @@ def rank_noncontig_reduce(rank, ws, *, layout, dtype, seed):
         dist.reduce(view, dst=dst, op=dist.ReduceOp.SUM)
         ctx = f"rank {rank}/{ws} reduce(dst={dst}) into a {layout} view of {dtype}"
         with checks():
-            mask = _nc_mask(layout, base)
+            mask = nc_mask(layout, base)
             assert_equal(base[mask], base_before[mask], ctx + ": storage outside the view changed")
             if rank == dst:
                 views = [_nc_make(layout, NC_ROWS, NC_COLS, dtype, s, r, kind)[1].contiguous()
@@ -969,8 +914,8 @@ def rank_noncontig_reduce_scatter(rank, ws, *, layout, dtype, seed, noncontig_in
     kind = input_kind(dtype, "SUM")
     rows, cols = NC_ROWS, NC_COLS
     n = rows * cols
-    out_base = garbage_like(torch.empty(_nc_base_shape(layout, rows, cols), dtype=dt), seed)
-    out = _nc_view(layout, out_base)
+    out_base = garbage_like(torch.empty(nc_base_shape(layout, rows, cols), dtype=dt), seed)
+    out = nc_view(layout, out_base)
     assert not out.is_contiguous()
     out_before = out_base.clone()
 
@@ -979,9 +924,9 @@ def rank_noncontig_reduce_scatter(rank, ws, *, layout, dtype, seed, noncontig_in
 
     # The input is (ws * rows, cols) (1-D for stride2), so chunk r is rows [r * rows, (r+1) * rows).
     if noncontig_input:
-        in_base = garbage_like(torch.empty(_nc_base_shape(layout, ws * rows, cols), dtype=dt),
+        in_base = garbage_like(torch.empty(nc_base_shape(layout, ws * rows, cols), dtype=dt),
                                seed + 5)
-        x = _nc_view(layout, in_base)
+        x = nc_view(layout, in_base)
         x.copy_(full_input(rank).reshape(x.shape))
         assert not x.is_contiguous()
     else:
@@ -994,7 +939,7 @@ def rank_noncontig_reduce_scatter(rank, ws, *, layout, dtype, seed, noncontig_in
     ctx = (f"rank {rank}/{ws} reduce_scatter_tensor into a {layout} output view of {dtype} "
            f"from a {'non-' if noncontig_input else ''}contiguous input")
     assert_equal(in_base, in_before, ctx + ": input storage modified")
-    mask = _nc_mask(layout, out_base)
+    mask = nc_mask(layout, out_base)
     assert_equal(out_base[mask], out_before[mask], ctx + ": storage outside the output view changed")
     chunks = [full_input(r)[rank * n:(rank + 1) * n] for r in range(ws)]
     check_all_reduce(out.contiguous(), chunks, ws, dtype, "SUM", None, True, ctx)
@@ -1005,8 +950,8 @@ def rank_noncontig_all_to_all_single(rank, ws, *, dtype, seed, uneven):
     dt = DTYPES[dtype]
     units = 7
     pattern = "uneven" if uneven else "equal"
-    in_splits = [_a2a_units(pattern, rank, d, units, ws) for d in range(ws)]
-    out_splits = [_a2a_units(pattern, src, rank, units, ws) for src in range(ws)]
+    in_splits = [a2a_units(pattern, rank, d, units, ws) for d in range(ws)]
+    out_splits = [a2a_units(pattern, src, rank, units, ws) for src in range(ws)]
     x_contig = torch.cat([_a2a_block(seed, rank, d, dtype, in_splits[d], True) for d in range(ws)])
     xb = garbage_like(torch.empty(x_contig.shape[0], A2A_COLS + 2, dtype=dt), seed + 1)
     x = xb[:, 1:-1]

@@ -64,11 +64,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_collectives_more import Checks, _a2a_units, _nc_base_shape, _nc_mask, _nc_view
 from testlib import (BACKEND, DTYPE_NAMES, DTYPES, PREMUL_FACTOR_EXACT, PREMUL_FACTOR_RANDN,
-                     REDUCE_OPS, assert_equal, case_seed, check_all_reduce, data_kind,
-                     dtype_aliases, expect_raises, garbage_like, gen_input, input_kind,
-                     invalid_pair, is_float, make_op, numel_of, reference_all_reduce)
+                     REDUCE_OPS, Checks, a2a_units, assert_equal, case_seed, check_all_reduce,
+                     data_kind, dtype_aliases, expect_raises, garbage_like, gen_input,
+                     input_kind, invalid_pair, is_float, make_op, nc_base_shape, nc_mask,
+                     nc_view, numel_of, reference_all_reduce)
 
 HAS_CUDA = torch.cuda.is_available()
 N_GPUS = torch.cuda.device_count() if HAS_CUDA else 0
@@ -420,8 +420,8 @@ def _m_all_to_all(rank, ws, dev, dtype, seed, checks, form="list"):
         for pi, pattern in enumerate(("equal", "uneven")):
             s = seed + 7 * n + pi
             async_op = (i + pi) % 2 == 1
-            in_splits = [_a2a_units(pattern, rank, d, n, ws) for d in range(ws)]
-            out_splits = [_a2a_units(pattern, src, rank, n, ws) for src in range(ws)]
+            in_splits = [a2a_units(pattern, rank, d, n, ws) for d in range(ws)]
+            out_splits = [a2a_units(pattern, src, rank, n, ws) for src in range(ws)]
             blocks = [_a2a_block(s, rank, d, dtype, in_splits[d]) for d in range(ws)]
             if form == "list":
                 inputs = [b.to(dev) for b in blocks]
@@ -693,7 +693,7 @@ def rank_noncontig(rank, ws, *, op, layout, seed):
         dt = DTYPES[dtype]
         for rows, cols in NC_SHAPES:
             s = seed + 1000 * di + rows
-            shape = _nc_base_shape(layout, rows, cols)
+            shape = nc_base_shape(layout, rows, cols)
             numel = math.prod(shape)
             kind = input_kind(dtype, "SUM") if op == "all_reduce" else data_kind(dtype)
 
@@ -703,36 +703,36 @@ def rank_noncontig(rank, ws, *, op, layout, seed):
             ctx = f"rank {rank}/{ws} CUDA {op} on a {layout} view ({rows}x{cols}) of {dtype}"
             if op == "all_reduce":
                 base = base_of(rank).to(dev)
-                view = _nc_view(layout, base)
+                view = nc_view(layout, base)
                 assert not view.is_contiguous()
                 dist.all_reduce(view)
                 got = base.cpu()
                 with checks():
-                    mask = _nc_mask(layout, got)
+                    mask = nc_mask(layout, got)
                     assert_equal(got[mask], base_of(rank)[mask],
                                  ctx + ": storage outside the view changed")
-                    check_all_reduce(_nc_view(layout, got).contiguous(),
-                                     [_nc_view(layout, base_of(r)).contiguous() for r in range(ws)],
+                    check_all_reduce(nc_view(layout, got).contiguous(),
+                                     [nc_view(layout, base_of(r)).contiguous() for r in range(ws)],
                                      ws, dtype, "SUM", None, True, ctx)
             else:  # all_gather from a non-contiguous input into non-contiguous output views
                 xb = base_of(rank).to(dev)
-                x = _nc_view(layout, xb)
+                x = nc_view(layout, xb)
                 garbage = [garbage_like(torch.empty(shape, dtype=dt), s + 11 + r)
                            for r in range(ws)]
                 obs = [g.to(dev) for g in garbage]
-                outs = [_nc_view(layout, ob) for ob in obs]
+                outs = [nc_view(layout, ob) for ob in obs]
                 assert not x.is_contiguous() and not outs[0].is_contiguous()
                 dist.all_gather(outs, x)
                 got = [ob.cpu() for ob in obs]
                 x_after = xb.cpu()
                 with checks():
                     assert_equal(x_after, base_of(rank), ctx + ": input storage modified")
-                    mask = _nc_mask(layout, got[0])
+                    mask = nc_mask(layout, got[0])
                     for r in range(ws):
                         assert_equal(got[r][mask], garbage[r][mask],
                                      f"{ctx}: storage outside output view {r} changed")
-                        assert_equal(_nc_view(layout, got[r]).contiguous(),
-                                     _nc_view(layout, base_of(r)).contiguous(),
+                        assert_equal(nc_view(layout, got[r]).contiguous(),
+                                     nc_view(layout, base_of(r)).contiguous(),
                                      f"{ctx}: output view {r}")
     checks.done()
 

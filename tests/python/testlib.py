@@ -6,6 +6,7 @@ Everything here is imported both by pytest (collection) and by the rank processe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 
@@ -443,3 +444,69 @@ def gloo_group():
     if _GLOO_GROUP is None:
         _GLOO_GROUP = dist.new_group(backend="gloo")
     return _GLOO_GROUP
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the CPU and CUDA collective tests (test_collectives_more.py, test_cuda.py)
+
+class Checks:
+    """Collects failed checks so that a rank keeps taking part in the remaining collectives of
+    its case: a rank that stopped at the first wrong value would leave the others waiting in the
+    next collective until the group timeout.  ``done()`` raises them all at the end.  A ``with``
+    block ends at its first failed assertion, so it must not contain collectives."""
+
+    def __init__(self):
+        self.failures: list[str] = []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        try:
+            yield
+        except AssertionError as exc:
+            self.failures.append(str(exc))
+
+    def done(self) -> None:
+        if self.failures:
+            shown = "\n".join(self.failures[:8])
+            raise AssertionError(f"{len(self.failures)} check(s) failed:\n{shown}")
+
+
+def a2a_units(pattern: str, src: int, dst: int, n: int, ws: int) -> int:
+    """Units (rows) that ``src`` sends to ``dst`` in all_to_all pattern ``pattern`` of ``ws``
+    ranks with base count ``n`` (the patterns are described in test_collectives_more.py)."""
+    if pattern == "equal":
+        return n
+    if pattern == "uneven":
+        return (0, n, n // 2 + 1, 2 * n + 1)[(src + 2 * dst) % 4]
+    if pattern == "onehot":
+        return n + src if dst == (src + 1) % ws else 0
+    raise ValueError(pattern)
+
+
+# Non-contiguous layouts: "stride2" (every other element of a 1-D tensor), "columns" (inner
+# columns of a 2-D tensor) and "transposed" (a transposed 2-D view over all of its storage).
+
+def nc_view(layout: str, base: torch.Tensor) -> torch.Tensor:
+    if layout == "stride2":
+        return base.reshape(-1)[::2]
+    if layout == "columns":
+        return base[:, 1:-1]
+    if layout == "transposed":
+        return base.t()
+    raise ValueError(layout)
+
+
+def nc_base_shape(layout: str, rows: int, cols: int) -> tuple:
+    """Storage shape whose view (see nc_view) has ``rows`` x ``cols`` elements."""
+    if layout == "stride2":
+        return (2 * rows * cols,)
+    if layout == "columns":
+        return (rows, cols + 2)
+    return (cols, rows)
+
+
+def nc_mask(layout: str, base: torch.Tensor) -> torch.Tensor:
+    """True where the view does NOT reach: those elements must never change."""
+    mask = torch.ones_like(base, dtype=torch.bool)
+    nc_view(layout, mask).fill_(False)
+    return mask
