@@ -26,6 +26,7 @@
 #include "common/param.h"
 #include "common/utils.h"
 #include "net/net.h"
+#include "net/pairing.h"
 
 namespace tcpx {
 namespace {
@@ -543,6 +544,12 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
   TORCH_CHECK_VALUE(params->net == "socket", "tcpx: TCPX_NET=", params->net,
                     " is not available in this build (the NCCL net-plugin loader is not "
                     "implemented yet); use TCPX_NET=socket");
+  {
+    // Its syntax is checked now, so that a typo is not found only once
+    // multi-NIC striping uses it.
+    std::map<int, std::string> gpuNicMap;
+    check(parseGpuNicMap(params->gpuNicMap, &gpuNicMap));
+  }
   static std::once_flag reserved;
   std::call_once(reserved, [&] {
     if (params->nchannels != 1 || !params->gpuNicMap.empty())

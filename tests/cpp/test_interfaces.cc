@@ -16,6 +16,7 @@
 
 #include "common/status.h"
 #include "net/interfaces.h"
+#include "net/pairing.h"
 
 namespace tcpx {
 namespace {
@@ -161,6 +162,96 @@ TEST_F(FakeSysfs, A3HighLayout) {
     EXPECT_EQ(iface.speedMbps, 200000) << ifname;
     EXPECT_EQ(iface.pciPath, realRoot_ + "/" + pci[i]) << ifname;
     EXPECT_EQ(iface.numaNode, numa[i]) << ifname;
+  }
+}
+
+// GPU <-> NIC pairing on the A3-high tree: each PCIe switch (a root port
+// here) holds two GPUs and one gVNIC, so GPU 0,1 -> eth1 ... GPU 6,7 -> eth4
+// (../shared/reference/a3-high.md). Bus ids come as CUDA writes them
+// (upper-case hex) and are found through bus/pci/devices links.
+TEST_F(FakeSysfs, GpuNicPairingA3High) {
+  const char* ports[] = {"pci0000:00/0000:00:01.0", "pci0000:00/0000:00:02.0",
+                         "pci0000:80/0000:80:01.0", "pci0000:80/0000:80:02.0"};
+  const char* nicFn[] = {"0000:06:00.0", "0000:0c:00.0", "0000:86:00.0", "0000:8c:00.0"};
+  const char* gpuFn[] = {"0000:04:00.0", "0000:05:00.0", "0000:0a:00.0", "0000:0b:00.0",
+                         "0000:84:00.0", "0000:85:00.0", "0000:8a:00.0", "0000:8b:00.0"};
+  std::vector<NetInterface> nics;
+  for (int i = 0; i < 4; ++i) {
+    const std::string ifname = "eth" + std::to_string(i + 1);
+    linkDevice(ifname, std::string("devices/") + ports[i] + "/" + nicFn[i]);
+    NetInterface n;
+    n.name = ifname;
+    readSysfsAttributes(root_, ifname, &n);
+    ASSERT_FALSE(n.pciPath.empty()) << ifname;
+    nics.push_back(n);
+  }
+  // Listed in an order unlike the GPUs', so that "the first NIC" cannot pass.
+  std::swap(nics[0], nics[3]);
+  std::swap(nics[1], nics[2]);
+  std::vector<std::string> gpus;
+  for (int g = 0; g < 8; ++g) {
+    const std::string dev = std::string("devices/") + ports[g / 2] + "/" + gpuFn[g];
+    fs::create_directories(fs::path(root_) / dev);
+    fs::create_directories(fs::path(root_) / "bus/pci/devices");
+    fs::create_symlink(fs::path("../../..") / dev, fs::path(root_) / "bus/pci/devices" / gpuFn[g]);
+    std::string busId = gpuFn[g];
+    for (char& c : busId) c = static_cast<char>(toupper(static_cast<unsigned char>(c)));
+    gpus.push_back(pciPathOfBusId(root_, busId));
+    EXPECT_EQ(gpus.back(), realRoot_ + "/" + dev) << busId;
+  }
+  const std::vector<int> pairing = pairGpusWithNics(gpus, nics);
+  ASSERT_EQ(pairing.size(), 8u);
+  for (int g = 0; g < 8; ++g)
+    EXPECT_EQ(nics[pairing[g]].name, "eth" + std::to_string(g / 2 + 1)) << "GPU " << g;
+  EXPECT_EQ(pciDistance(gpus[0], nics[3].pciPath), 2);  // eth1: behind the same port
+  EXPECT_EQ(pciDistance(gpus[0], nics[2].pciPath), 4);  // eth2: same host bridge
+  EXPECT_EQ(pciDistance(gpus[0], nics[0].pciPath), 6);  // eth4: the other socket
+
+  // TCPX_GPU_NIC_MAP moves GPU 1 to eth3 and leaves the others alone.
+  std::map<int, std::string> m;
+  ASSERT_EQ(parseGpuNicMap(" 1 : eth3 ,9:eth1", &m), tcpxSuccess) << lastError();
+  std::vector<int> moved = pairing;
+  ASSERT_EQ(applyGpuNicMap(m, nics, &moved), tcpxSuccess) << lastError();
+  for (int g = 0; g < 8; ++g)
+    EXPECT_EQ(nics[moved[g]].name, g == 1 ? "eth3" : "eth" + std::to_string(g / 2 + 1)) << g;
+  EXPECT_EQ(applyGpuNicMap({{0, "eth9"}}, nics, &moved), tcpxInvalidArgument);
+  EXPECT_NE(lastError().find("eth9"), std::string::npos) << lastError();
+  EXPECT_NE(lastError().find("eth1"), std::string::npos) << "lists the devices: " << lastError();
+
+  EXPECT_EQ(pciPathOfBusId(root_, "0000:ff:00.0"), "");  // not in sysfs
+}
+
+TEST(GpuNicPairing, TiesSpreadAndUnknownPathsRoundRobin) {
+  // Two NICs equally near four GPUs (all under one host bridge): 2 each.
+  std::vector<NetInterface> nics(2);
+  nics[0].name = "a";
+  nics[0].pciPath = "/sys/devices/pci0000:00/0000:00:01.0";
+  nics[1].name = "b";
+  nics[1].pciPath = "/sys/devices/pci0000:00/0000:00:02.0";
+  const std::vector<std::string> gpus = {
+      "/sys/devices/pci0000:00/0000:00:03.0", "/sys/devices/pci0000:00/0000:00:04.0",
+      "/sys/devices/pci0000:00/0000:00:05.0", "/sys/devices/pci0000:00/0000:00:06.0"};
+  EXPECT_EQ(pairGpusWithNics(gpus, nics), (std::vector<int>{0, 1, 0, 1}));
+  // No path known (a VM without PCI passthrough): round-robin by GPU index.
+  std::vector<NetInterface> virt(3);
+  EXPECT_EQ(pairGpusWithNics({"", "", "", ""}, virt), (std::vector<int>{0, 1, 2, 0}));
+  EXPECT_EQ(pairGpusWithNics(gpus, {}), (std::vector<int>{-1, -1, -1, -1}));
+  EXPECT_EQ(pciDistance("", gpus[0]), -1);
+  EXPECT_EQ(pciDistance(gpus[0], gpus[0]), 0);
+  EXPECT_EQ(nicForLocalRank(5, 4), 1);
+  EXPECT_EQ(nicForLocalRank(0, 0), -1);
+}
+
+TEST(GpuNicPairing, MapSyntaxErrorsNameTheItem) {
+  std::map<int, std::string> m;
+  ASSERT_EQ(parseGpuNicMap("", &m), tcpxSuccess);
+  EXPECT_TRUE(m.empty());
+  ASSERT_EQ(parseGpuNicMap("0:eth1,1:eth1,2:eth2,", &m), tcpxSuccess);
+  EXPECT_EQ(m, (std::map<int, std::string>{{0, "eth1"}, {1, "eth1"}, {2, "eth2"}}));
+  const char* bad[] = {"eth1", "x:eth1", "-1:eth1", "1.5:eth1", ":eth1", "3:", "0:eth1,0:eth2"};
+  for (const char* spec : bad) {
+    EXPECT_EQ(parseGpuNicMap(spec, &m), tcpxInvalidArgument) << spec;
+    EXPECT_NE(lastError().find("TCPX_GPU_NIC_MAP"), std::string::npos) << lastError();
   }
 }
 

@@ -77,6 +77,7 @@ print("initialised")
     ({"TCPX_SOCKET_IFNAME": "=no-such-interface"}, ["TCPX_SOCKET_IFNAME", "no-such-interface"]),
     ({"TCPX_NET": "plugin"}, ["TCPX_NET", "plugin"]),
     ({"TCPX_CUDA_BLOCKS": "0"}, ["TCPX_CUDA_BLOCKS", "0", "[1, 64]"]),
+    ({"TCPX_GPU_NIC_MAP": "0=eth1"}, ["TCPX_GPU_NIC_MAP", "0=eth1", "gpu:ifname"]),
 ])
 def test_bad_configuration_is_value_error(env, names):
     """An invalid TCPX_* setting makes init_process_group raise ValueError naming it."""
