@@ -66,6 +66,7 @@ bootstrap through the store fails.)")
           throw py::value_error("tcpx: " + tcpx::lastError());
         return tcpx::describeParams(*p);
       },
-      "The effective TCPX_* configuration, one 'NAME=value' per knob (raises ValueError for an "
-      "invalid setting).");
+      "The effective TCPX_* configuration, one 'NAME=value' per knob separated by spaces, "
+      "'value,cuda:value' where CUDA tensors have their own (raises ValueError for an invalid "
+      "setting).");
 }

@@ -226,8 +226,8 @@ tcpxResult_t getParams(const Params** out) {
 
 std::string describeParams(const Params& p) {
   return strFormat(
-      "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d (CUDA: %d) TCPX_NTHREADS=%d "
-      "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu (CUDA: %zu) TCPX_BUFFERS=%d (CUDA: %d) TCPX_SLICE_BYTES=%zu "
+      "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d,cuda:%d TCPX_NTHREADS=%d "
+      "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu,cuda:%zu TCPX_BUFFERS=%d,cuda:%d TCPX_SLICE_BYTES=%zu "
       "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
       "TCPX_CUDA_WAIT=%s TCPX_CUDA_BLOCKS=%d",
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,

@@ -63,7 +63,9 @@ tcpxResult_t getParams(const Params** out);
 // extra threads only add context switches when ranks outnumber cores.
 int autoThreads(int cpus, int localWorldSize);
 
-// "TCPX_NSOCKS=2 TCPX_NTHREADS=2 ..." for the INFO line printed at init.
+// "TCPX_NSOCKS=2,cuda:8 TCPX_NTHREADS=2 ...": one NAME=value token per knob
+// (no spaces in a value; where CUDA tensors have their own default,
+// "value,cuda:value"), for the INFO line at init and torch_tcpx.config().
 std::string describeParams(const Params& p);
 
 // Parses "4096", "512K", "4M", "1G" (binary multiples). False if malformed.

@@ -13,6 +13,7 @@
 
 #include "common/logging.h"
 #include "common/param.h"
+#include "common/utils.h"
 #include "common/status.h"
 
 namespace tcpx {
@@ -233,7 +234,14 @@ TEST(Params, SeveralKnobs) {
   EXPECT_EQ(p.nsocks, 4);
   EXPECT_EQ(p.nthreads, 8);
   EXPECT_EQ(p.chunkBytes, 2u << 20);
-  EXPECT_NE(describeParams(p).find("TCPX_NSOCKS=4"), std::string::npos) << describeParams(p);
+  EXPECT_NE(describeParams(p).find("TCPX_NSOCKS=4,cuda:4"), std::string::npos) << describeParams(p);
+  // One NAME=value token per knob (torch_tcpx.config() splits on spaces).
+  Params d;
+  ASSERT_EQ(parseEnv({}, &d), tcpxSuccess);
+  for (const std::string& token : splitString(describeParams(d), ' '))
+    EXPECT_EQ(token.rfind("TCPX_", 0), 0u) << "token '" << token << "' of " << describeParams(d);
+  EXPECT_NE(describeParams(d).find("TCPX_CHUNK_BYTES=524288,cuda:8388608"), std::string::npos)
+      << describeParams(d);
 
   EXPECT_EQ(parseEnv({{"TCPX_NSOCKS", "4"}, {"TCPX_BUFFERS", "0"}}, &p), tcpxInvalidArgument);
   EXPECT_NE(lastError().find("TCPX_BUFFERS"), std::string::npos) << lastError();

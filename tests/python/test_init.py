@@ -3,6 +3,7 @@ registration for both cpu and cuda."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,21 @@ def test_dump_state_logs_what_the_worker_waits_for():
     assert "sum [1.0, 1.0, 1.0, 1.0]" in out, out
     assert "worker last looped" in out, out
     assert "state: " in out, out  # no collective running, or the second all_reduce
+
+
+@pytest.mark.skipif(BACKEND != "tcpx", reason="torch_tcpx.config() is tcpx's")
+def test_config_lists_every_knob_once():
+    """torch_tcpx.config() maps each TCPX_* knob to its effective value; knobs with a CUDA
+    default of their own read 'value,cuda:value' (checked in a fresh process with none set)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TCPX_")}
+    code = "import json, torch_tcpx; print(json.dumps(torch_tcpx.config()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cfg = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(k.startswith("TCPX_") for k in cfg), cfg
+    for knob in ("TCPX_NSOCKS", "TCPX_CHUNK_BYTES", "TCPX_BUFFERS", "TCPX_CUDA_BLOCKS"):
+        assert knob in cfg, cfg
+    assert cfg["TCPX_NSOCKS"] == "2,cuda:8", cfg
+    assert cfg["TCPX_CHUNK_BYTES"] == "524288,cuda:8388608", cfg
+    assert cfg["TCPX_BUFFERS"] == "8,cuda:4", cfg
