@@ -8,6 +8,8 @@
 
 #include "c10d/ProcessGroupTCPX.hpp"
 #include "common/param.h"
+#include "net/interfaces.h"
+#include "net/pairing.h"
 
 namespace py = pybind11;
 
@@ -69,4 +71,64 @@ bootstrap through the store fails.)")
       "The effective TCPX_* configuration, one 'NAME=value' per knob separated by spaces, "
       "'value,cuda:value' where CUDA tensors have their own (raises ValueError for an invalid "
       "setting).");
+  // The socket net's devices under TCPX_SOCKET_IFNAME, as the net chooses them.
+  auto devices = []() {
+    const tcpx::Params* p = nullptr;
+    std::vector<tcpx::NetInterface> devs;
+    if (tcpx::getParams(&p) != tcpx::tcpxSuccess ||
+        tcpx::findNetDevices(p->socketIfname, "/sys", &devs) != tcpx::tcpxSuccess)
+      throw py::value_error("tcpx: " + tcpx::lastError());
+    std::vector<tcpx::NetInterface> keep;  // TCPX_SOCKET_FAMILY, as the net applies it
+    for (auto& d : devs)
+      if (p->socketFamily == 0 || d.addr.ss_family == p->socketFamily) keep.push_back(d);
+    return keep;
+  };
+  m.def(
+      "net_devices",
+      [devices]() {
+        py::list out;
+        for (const tcpx::NetInterface& d : devices()) {
+          py::dict e;
+          e["name"] = d.name;
+          e["address"] = d.addrString;
+          e["speed_mbps"] = d.speedMbps;
+          e["pci_path"] = d.pciPath;
+          e["numa_node"] = d.numaNode;
+          out.append(e);
+        }
+        return out;
+      },
+      "The socket net's devices (TCPX_SOCKET_IFNAME applied) as dicts: name, address, "
+      "speed_mbps (0: unknown), pci_path ('': virtual), numa_node (-1: unknown). Raises "
+      "ValueError when the filter matches nothing.");
+  m.def(
+      "gpu_nic_pairing",
+      [devices](const std::vector<std::string>& busIds) {
+        const tcpx::Params* p = nullptr;
+        if (tcpx::getParams(&p) != tcpx::tcpxSuccess) throw py::value_error("tcpx: " + tcpx::lastError());
+        const std::vector<tcpx::NetInterface> devs = devices();
+        std::vector<std::string> paths;
+        for (const std::string& id : busIds) paths.push_back(tcpx::pciPathOfBusId("/sys", id));
+        std::vector<int> pairing = tcpx::pairGpusWithNics(paths, devs);
+        std::map<int, std::string> overrides;
+        if (tcpx::parseGpuNicMap(p->gpuNicMap, &overrides) != tcpx::tcpxSuccess ||
+            tcpx::applyGpuNicMap(overrides, devs, &pairing) != tcpx::tcpxSuccess)
+          throw py::value_error("tcpx: " + tcpx::lastError());
+        py::list out;
+        for (size_t g = 0; g < busIds.size(); g++) {
+          py::dict e;
+          e["gpu"] = static_cast<int>(g);
+          e["bus_id"] = busIds[g];
+          e["pci_path"] = paths[g];
+          e["nic"] = pairing[g] >= 0 ? py::object(py::str(devs[pairing[g]].name)) : py::none();
+          e["pci_distance"] = pairing[g] >= 0 ? tcpx::pciDistance(paths[g], devs[pairing[g]].pciPath) : -1;
+          e["overridden"] = overrides.count(static_cast<int>(g)) > 0;
+          out.append(e);
+        }
+        return out;
+      },
+      "The NIC each GPU's traffic starts on, given the GPUs' PCI bus ids in CUDA order "
+      "('0000:0A:00.0'): nearest by PCI distance, TCPX_GPU_NIC_MAP applied. Dicts: gpu, "
+      "bus_id, pci_path, nic (None without devices), pci_distance (-1: unknown), overridden. "
+      "Raises ValueError for an invalid TCPX_GPU_NIC_MAP or one naming a non-device.");
 }
