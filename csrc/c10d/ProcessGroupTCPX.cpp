@@ -576,11 +576,7 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
   o.spinUs = params->spinUs;
   store_ = store;
   commOptions_ = o;
-  cudaWait_ = params->cudaWait;
-  cudaBlocks_ = params->cudaBlocks;
-  cudaChunkBytes_ = params->cudaChunkBytes;
-  cudaBuffers_ = params->cudaBuffers;
-  cudaNsocks_ = params->cudaNsocks;
+  params_ = params;
   check(Communicator::create(o, &comm_));
   static std::once_flag printed;
   std::call_once(printed, [&] {
@@ -723,11 +719,11 @@ Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* o
   auto state = std::make_unique<CudaState>(device);
   CommOptions o = commOptions_;
   o.name += "/cuda";
-  o.chunkBytes = cudaChunkBytes_;
-  o.buffers = cudaBuffers_;
-  o.nsocks = cudaNsocks_;
+  o.chunkBytes = params_->cudaChunkBytes;
+  o.buffers = params_->cudaBuffers;
+  o.nsocks = params_->cudaNsocks;
   o.store = std::make_shared<C10dStore>(c10::make_intrusive<c10d::PrefixStore>("cuda", store_));
-  check(createCudaStage(device.index(), cudaBlocks_, &o.stage));
+  check(createCudaStage(device.index(), params_->cudaBlocks, &o.stage));
   cudaError_t e = cudaHostAlloc(reinterpret_cast<void**>(&state->flags),
                                 CudaState::kFlags * sizeof(uint32_t),
                                 cudaHostAllocMapped | cudaHostAllocPortable);
@@ -780,7 +776,7 @@ std::function<void()> ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work,
   }
   work.completionStream = done.unwrap();
   work.useDeviceFuture(cs.device);
-  work.hostWait = cudaWait_ == "host";  // TCPX_CUDA_WAIT=host: wait() also blocks the host
+  work.hostWait = params_->cudaWait == "host";  // TCPX_CUDA_WAIT=host: wait() also blocks the host
   auto end = cs.events->get();
   work.streamWaits.push_back([end, dev] { end->block(c10::cuda::getCurrentCUDAStream(dev)); });
   // The caching allocator must not hand these tensors' memory to anyone
@@ -816,7 +812,7 @@ std::function<void()> ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work,
   // the op is over (the net moved pinned memory; no device work on the worker).
   const uint32_t gen = ++cs.gen;
   uint32_t* flag = &cs.flags[gen % CudaState::kFlags];
-  check(streamWaitFlag(flag, gen, done.stream(), cudaWait_ == "memop"));
+  check(streamWaitFlag(flag, gen, done.stream(), params_->cudaWait == "memop"));
   after();
   TCPX_TRACE(kLogC10d, "CUDA op issued (flag %u): %s", gen, work.description().c_str());
   // The flag goes first: completing the Work (its Future records events)

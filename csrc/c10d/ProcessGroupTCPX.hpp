@@ -254,11 +254,7 @@ class ProcessGroupTCPX : public c10d::Backend {
   std::unique_ptr<CudaState> cuda_;  // after the first CUDA op
   c10::intrusive_ptr<c10d::Store> store_;
   CommOptions commOptions_;          // the CPU communicator's, the base of the CUDA one's
-  std::string cudaWait_;             // TCPX_CUDA_WAIT: kernel | memop | host
-  int cudaBlocks_ = 8;               // TCPX_CUDA_BLOCKS
-  // The CUDA communicator's TCPX_CHUNK_BYTES, TCPX_BUFFERS, TCPX_NSOCKS.
-  size_t cudaChunkBytes_ = 8 << 20;
-  int cudaBuffers_ = 4, cudaNsocks_ = 8;
+  const Params* params_ = nullptr;  // the process's TCPX_* settings (never freed)
   CollConfig collConfig_;
   std::chrono::milliseconds timeout_;
   std::string groupName_;

@@ -76,12 +76,9 @@ bootstrap through the store fails.)")
     const tcpx::Params* p = nullptr;
     std::vector<tcpx::NetInterface> devs;
     if (tcpx::getParams(&p) != tcpx::tcpxSuccess ||
-        tcpx::findNetDevices(p->socketIfname, "/sys", &devs) != tcpx::tcpxSuccess)
+        tcpx::selectNetDevices(p->socketIfname, p->socketFamily, "/sys", &devs) != tcpx::tcpxSuccess)
       throw py::value_error("tcpx: " + tcpx::lastError());
-    std::vector<tcpx::NetInterface> keep;  // TCPX_SOCKET_FAMILY, as the net applies it
-    for (auto& d : devs)
-      if (p->socketFamily == 0 || d.addr.ss_family == p->socketFamily) keep.push_back(d);
-    return keep;
+    return devs;
   };
   m.def(
       "net_devices",

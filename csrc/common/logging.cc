@@ -126,16 +126,17 @@ void logMessage(LogLevel level, uint32_t subsys, const char* file, int line,
   char rankStr[24] = "";
   if (rank >= 0) snprintf(rankStr, sizeof(rankStr), " [%d]", rank);
   // One fprintf per line so that lines of concurrent threads do not interleave.
-  if (level == LogLevel::kTrace) {
-    // Monotonic microseconds, as NCCL's TRACE lines carry: the latency of a
-    // step is read off the difference of two lines.
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    fprintf(stderr, "%s:%d:%ld%s TCPX %s %.1f %s:%d %s\n", c.host.c_str(), c.pid, tid, rankStr,
-            levelName(level), ts.tv_sec * 1e6 + ts.tv_nsec / 1e3, base, line, msg);
-  } else if (level == LogLevel::kWarn) {
-    fprintf(stderr, "%s:%d:%ld%s TCPX %s %s:%d %s\n", c.host.c_str(), c.pid,
-            tid, rankStr, levelName(level), base, line, msg);
+  if (level == LogLevel::kWarn || level == LogLevel::kTrace) {
+    // TRACE lines carry monotonic microseconds, as NCCL's do: the latency of
+    // a step is read off the difference of two lines.
+    char when[32] = "";
+    if (level == LogLevel::kTrace) {
+      timespec ts;
+      clock_gettime(CLOCK_MONOTONIC, &ts);
+      snprintf(when, sizeof(when), " %.1f", ts.tv_sec * 1e6 + ts.tv_nsec / 1e3);
+    }
+    fprintf(stderr, "%s:%d:%ld%s TCPX %s%s %s:%d %s\n", c.host.c_str(), c.pid, tid, rankStr,
+            levelName(level), when, base, line, msg);
   } else {
     fprintf(stderr, "%s:%d:%ld%s TCPX %s %s\n", c.host.c_str(), c.pid, tid,
             rankStr, levelName(level), msg);

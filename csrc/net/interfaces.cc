@@ -265,4 +265,16 @@ std::string sockaddrToString(const sockaddr* addr, socklen_t len) {
                    static_cast<unsigned>(len));
 }
 
+tcpxResult_t selectNetDevices(const std::string& ifnameSpec, int family,
+                              const std::string& sysfsRoot, std::vector<NetInterface>* out) {
+  std::vector<NetInterface> devs;
+  TCPX_CHECK(findNetDevices(ifnameSpec, sysfsRoot, &devs));
+  out->clear();
+  for (auto& d : devs)
+    if (family == 0 || d.addr.ss_family == family) out->push_back(d);
+  if (out->empty())
+    TCPX_ERR(tcpxInvalidArgument, "TCPX_SOCKET_FAMILY leaves no usable interface");
+  return tcpxSuccess;
+}
+
 }  // namespace tcpx

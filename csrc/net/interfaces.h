@@ -62,6 +62,12 @@ tcpxResult_t findNetDevices(const std::string& ifnameSpec,
                             const std::string& sysfsRoot,
                             std::vector<NetInterface>* out);
 
+// The socket net's devices: findNetDevices, then only addresses of `family`
+// (TCPX_SOCKET_FAMILY; 0: any). Error (tcpxInvalidArgument) when the family
+// leaves none.
+tcpxResult_t selectNetDevices(const std::string& ifnameSpec, int family,
+                              const std::string& sysfsRoot, std::vector<NetInterface>* out);
+
 // Reads speed / pciPath / numaNode of `ifname` under `sysfsRoot` into `iface`
 // (fields left at their defaults when sysfs has nothing).
 void readSysfsAttributes(const std::string& sysfsRoot, const std::string& ifname,

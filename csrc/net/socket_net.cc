@@ -1640,16 +1640,7 @@ tcpxResult_t getSocketNet(Net** out) {
       return;
     }
     SocketNetOptions o;
-    status = findNetDevices(p->socketIfname, "/sys", &o.devices);
-    if (status == tcpxSuccess && p->socketFamily != 0) {
-      std::vector<NetInterface> keep;
-      for (auto& d : o.devices)
-        if (d.addr.ss_family == p->socketFamily) keep.push_back(d);
-      o.devices.swap(keep);
-      if (o.devices.empty())
-        status = setError(tcpxInvalidArgument, __FILE__, __LINE__,
-                          "TCPX_SOCKET_FAMILY leaves no usable interface");
-    }
+    status = selectNetDevices(p->socketIfname, p->socketFamily, "/sys", &o.devices);
     if (status != tcpxSuccess) {
       error = lastError();
       return;

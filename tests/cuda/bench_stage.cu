@@ -1,7 +1,7 @@
 // Microbenchmark of the CUDA stage's op kernel (csrc/transport/cuda_stage.cu)
 // on one GPU, without the network: what one command costs, by kind and size.
 //   latency:   one command, then wait for its ticket (the worker's view of a
-//              small op's staging copy or unpack), median of `reps`;
+//              small op's staging copy or unpack), median of kReps;
 //   bandwidth: `count` commands given back to back, then one ticket.
 // Commands: device -> pinned copy (staging a send), pinned -> device unpack
 // (a receive), pinned -> device reduce into device memory (a reduce step).
@@ -39,10 +39,10 @@ namespace {
 
 #ifdef TCPX_STAGE_TIMING
 constexpr bool kTiming = true;
-constexpr int kRingStamps = 21;
 #else
 constexpr bool kTiming = false;
 #endif
+constexpr int kReps = 21;  // latency samples per row (their stamps: command indexes 0..20)
 
 using Clock = std::chrono::steady_clock;
 
@@ -84,7 +84,6 @@ void run(int blocks) {
   printf("\n# op kernel, %d blocks\n", blocks);
   printf("# %-22s %10s %9s %14s %14s %12s%s\n", "command", "bytes", "start", "latency (us)",
          "stream (us)", "GB/s", kTiming ? "   read   work gather   host" : "");
-  const int reps = 21;
   for (Kind k : {Kind::kStage, Kind::kUnpack, Kind::kReduce}) {
     for (size_t bytes : {size_t{4}, size_t{65536}, size_t{524288}, size_t{4} << 20}) {
       // One op per row: its command indexes start at 0 (the stamps' slots).
@@ -95,7 +94,7 @@ void run(int blocks) {
       const double startUs = usSince(t0);
       s.bind(op);
       std::vector<double> lat;
-      for (int rep = 0; rep < reps; rep++) {
+      for (int rep = 0; rep < kReps; rep++) {
         uint64_t t;
         auto t1 = Clock::now();
         TCPX_OK(give(s, k, dev, pinned[0], bytes));
@@ -117,10 +116,10 @@ void run(int blocks) {
       printf("  %-22s %10zu %9.1f %14.1f %14.1f %12.2f", kindName(k), bytes, startUs,
              lat[lat.size() / 2], us, bytes / us / 1e3);
 #ifdef TCPX_STAGE_TIMING
-      unsigned long long st[kRingStamps][4];
-      stageTimes(st, reps);
+      unsigned long long st[kReps][4];
+      stageTimes(st, kReps);
       std::vector<double> part[4];
-      for (int r = 0; r < reps; r++) {
+      for (int r = 0; r < kReps; r++) {
         for (int j = 0; j < 3; j++) part[j].push_back((st[r][j + 1] - st[r][j]) / 1e3);
         part[3].push_back(lat0[r] - (st[r][3] - st[r][0]) / 1e3);
       }
