@@ -27,6 +27,7 @@
 #include "common/utils.h"
 #include "net/net.h"
 #include "net/pairing.h"
+#include "transport/relay.h"
 
 namespace tcpx {
 namespace {
@@ -674,6 +675,19 @@ struct ProcessGroupTCPX::CudaState {
   std::shared_ptr<EventPool> events;
   uint32_t* flags = nullptr;
   uint32_t gen = 0;
+  // Host relay slots (TCPX_CUDA_HOST_BYTES), in mapped pinned memory. A slot
+  // comes back after kRelaySlots later relays: their kernels run after this
+  // one's on the same stream, and the worker touches a slot only between
+  // its relay's gate and its publish, so one slot would do; more are slack.
+  static constexpr int kRelaySlots = 8;
+  char* relay = nullptr;
+  size_t relayStride = 0;
+  unsigned relayNext = 0;
+
+  void* relaySlot(size_t bytes) {
+    if (!relay || relaySlotBytes(bytes) > relayStride) return nullptr;
+    return relay + (relayNext++ % kRelaySlots) * relayStride;
+  }
 
   CudaState(c10::Device d)
       : device(d),
@@ -688,6 +702,7 @@ struct ProcessGroupTCPX::CudaState {
     if (comm) comm->shutdown();
     comm.reset();
     if (flags) cudaFreeHost(flags);
+    if (relay) cudaFreeHost(relay);
   }
 
   c10::cuda::CUDAStream p2pStream(int peer) {
@@ -700,6 +715,7 @@ struct ProcessGroupTCPX::CudaState {
 #else
 struct ProcessGroupTCPX::CudaState {
   std::unique_ptr<Communicator> comm;  // never created without CUDA
+  void* relaySlot(size_t) { return nullptr; }
 };
 #endif
 
@@ -731,6 +747,19 @@ Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* o
     throwStatus(tcpxUnhandledCudaError,
                 c10::str("allocating completion flags failed: ", cudaGetErrorString(e)));
   memset(state->flags, 0, CudaState::kFlags * sizeof(uint32_t));
+  if (params_->cudaHostBytes > 0) {
+    // The largest slot of any size up to TCPX_CUDA_HOST_BYTES (LL-mode slots
+    // are larger than their bytes suggest).
+    const size_t most = params_->cudaHostBytes;
+    state->relayStride = std::max(relaySlotBytes(most), relaySlotBytes(std::min(most, kRelayLLMax)));
+    e = cudaHostAlloc(reinterpret_cast<void**>(&state->relay),
+                      CudaState::kRelaySlots * state->relayStride,
+                      cudaHostAllocMapped | cudaHostAllocPortable);
+    if (e != cudaSuccess)
+      throwStatus(tcpxUnhandledCudaError,
+                  c10::str("allocating host relay slots failed: ", cudaGetErrorString(e)));
+    memset(state->relay, 0, CudaState::kRelaySlots * state->relayStride);
+  }
   check(Communicator::create(o, &state->comm));
   cuda_ = std::move(state);
   return *cuda_->comm;
@@ -801,12 +830,32 @@ std::function<void()> ProcessGroupTCPX::prepareCuda(Task& task, WorkTCPX& work,
     if (!r.ok())
       TCPX_WARN("%s failed; its CUDA outputs are undefined: %s", what.c_str(), r.message.c_str());
   };
-  if (collective) {
+  if (collective && !work.relaySlot) {
     task.onComplete = [inner, warnFailed](const TaskResult& r) {
       warnFailed(r);
       if (inner) inner(r);
     };
     return after;
+  }
+  if (work.relaySlot) {
+    // Host relay: one kernel on the op's stream stages the input into the
+    // slot, opens the task's gate and waits for the result, which the
+    // worker publishes when the op is over, also when it failed (else the
+    // kernel would never return).
+    const uint32_t gen = ++cs.gen;
+    const size_t bytes = static_cast<size_t>(work.relayTensor.nbytes());
+    void* data = work.relayTensor.data_ptr();
+    void* slot = work.relaySlot;
+    check(streamHostRelay(data, data, bytes, slot, gen, done.stream()));
+    task.gate = [slot, bytes, gen] { return relayStaged(slot, bytes, gen); };
+    after();
+    TCPX_TRACE(kLogC10d, "CUDA relay issued (generation %u): %s", gen, work.description().c_str());
+    task.onComplete = [inner, slot, bytes, gen, warnFailed](const TaskResult& r) {
+      relayPublish(slot, bytes, gen);
+      warnFailed(r);
+      if (inner) inner(r);
+    };
+    return nullptr;
   }
   // Point-to-point: the op's stream waits for a flag the worker sets when
   // the op is over (the net moved pinned memory; no device work on the worker).
@@ -915,7 +964,8 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::enqueue(std::shared_ptr<Task> t
     if (after) pendingAfter_.push_back(std::move(after));
     return work;
   }
-  if (isCuda && task->type == Task::Type::kCollective) launchCuda(*task, {after});
+  if (isCuda && task->type == Task::Type::kCollective && !work->relaySlot)
+    launchCuda(*task, {after});
   comm.enqueue(std::move(task));
   return work;
 }
@@ -1034,12 +1084,21 @@ c10::intrusive_ptr<c10d::Work> ProcessGroupTCPX::allreduce(std::vector<at::Tenso
   RedOp op = mapRedOp(opts.reduceOp, &factor);
   Staging st("all_reduce");
   at::Tensor buf = st.inout(tensors[0]);
+  Communicator& comm = commFor(st.device(), "all_reduce");
+  // Small CUDA tensors go through the host relay: one kernel stages them in
+  // pinned memory, the CPU path reduces there, no op-kernel round trips.
+  const size_t nbytes = static_cast<size_t>(buf.nbytes());
+  void* slot = buf.is_cuda() && !coalescing_ && nbytes > 0 && nbytes <= params_->cudaHostBytes
+                   ? cuda_->relaySlot(nbytes)
+                   : nullptr;
   std::shared_ptr<CollectiveTask> task;
-  check(makeAllreduce(commFor(st.device(), "all_reduce"), collConfig_, buf.data_ptr(), static_cast<size_t>(buf.numel()),
-                      dtype, op, factor, &task));
+  check(makeAllreduce(comm, collConfig_, slot ? relayData(slot) : buf.data_ptr(),
+                      static_cast<size_t>(buf.numel()), dtype, op, factor, &task));
   auto work = c10::make_intrusive<WorkTCPX>(rank_, c10d::OpType::ALLREDUCE, "tcpx:all_reduce",
                                             tensors, task->description,
                                             std::optional<std::vector<at::Tensor>>(tensors));
+  work->relaySlot = slot;
+  if (slot) work->relayTensor = buf;
   st.attach(*work);
   return enqueue(task, work, opTimeout(opts.timeout), st.buffers());
 }

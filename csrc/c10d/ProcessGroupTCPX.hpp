@@ -67,6 +67,11 @@ class WorkTCPX : public c10d::Work {
   std::optional<c10::Stream> completionStream;
   // TCPX_CUDA_WAIT=host: wait() blocks the host until the op is done.
   bool hostWait = false;
+  // A small CUDA collective through the host relay (transport/relay.h):
+  // `relayTensor` (contiguous, on the device) is staged into `relaySlot`
+  // (mapped pinned memory) where the CPU path runs; no op kernel.
+  void* relaySlot = nullptr;
+  at::Tensor relayTensor;
   // Replaces the Future with one that knows `device` (CUDA stream semantics
   // for then() callbacks and value()).
   void useDeviceFuture(c10::Device device);

@@ -186,10 +186,10 @@ void setHeader(Schedule* s, OpKind kind, uint8_t algo, DataType dtype, RedOp op,
   s->header.phash = phash;
 }
 
-std::function<tcpxResult_t()> avgFinish(DeviceStage* dev, RedOp op, void* buf, size_t count,
-                                        DataType dtype, int n) {
+std::function<tcpxResult_t(DeviceStage*)> avgFinish(RedOp op, void* buf, size_t count,
+                                                    DataType dtype, int n) {
   if (op != RedOp::kAvg) return nullptr;
-  return [=]() -> tcpxResult_t { return localDivide(dev, buf, count, dtype, n); };
+  return [=](DeviceStage* dev) -> tcpxResult_t { return localDivide(dev, buf, count, dtype, n); };
 }
 
 }  // namespace
@@ -223,7 +223,7 @@ tcpxResult_t makeAllreduce(const Communicator& comm, const CollConfig& cfg, void
     else buildRdAllreduce(s, p, count, esz);
     return tcpxSuccess;
   };
-  t->finish = avgFinish(comm.stage(), op, p, count, dtype, n);
+  t->finish = avgFinish(op, p, count, dtype, n);
   *out = t;
   return tcpxSuccess;
 }
@@ -267,7 +267,7 @@ tcpxResult_t makeReduce(const Communicator& comm, const CollConfig& cfg, void* b
     else buildChainReduce(s, in, acc, bytes, esz, root);
     return tcpxSuccess;
   };
-  if (isRoot) t->finish = avgFinish(comm.stage(), op, p, count, dtype, comm.nranks());
+  if (isRoot) t->finish = avgFinish(op, p, count, dtype, comm.nranks());
   *out = t;
   return tcpxSuccess;
 }
@@ -310,7 +310,7 @@ tcpxResult_t makeReduceScatter(const Communicator& comm, const std::vector<const
     buildRingReduceScatter(s, in, acc, segBytes, esz);
     return tcpxSuccess;
   };
-  t->finish = avgFinish(comm.stage(), op, o, count, dtype, n);
+  t->finish = avgFinish(op, o, count, dtype, n);
   *out = t;
   return tcpxSuccess;
 }
@@ -426,9 +426,9 @@ tcpxResult_t makeCoalesced(const std::vector<std::shared_ptr<CollectiveTask>>& p
     }
     return tcpxSuccess;
   };
-  t->finish = [parts]() -> tcpxResult_t {
+  t->finish = [parts](DeviceStage* dev) -> tcpxResult_t {
     for (auto& p : parts)
-      if (p->finish) TCPX_CHECK(p->finish());
+      if (p->finish) TCPX_CHECK(p->finish(dev));
     return tcpxSuccess;
   };
   *out = t;

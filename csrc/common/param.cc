@@ -129,6 +129,15 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
     const char* v = getenvFn(name);
     return (v && *v) ? v : nullptr;
   };
+  // torchrun tells each process how many share the host.
+  auto localWorldSize = [&] {
+    const char* l = get("LOCAL_WORLD_SIZE");
+    return l ? std::max(1, atoi(l)) : 1;
+  };
+  auto onlineCpus = [] {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    return cpus > 0 ? static_cast<int>(cpus) : 1;
+  };
   if (const char* v = get("TCPX_DEBUG")) {
     if (!parseLogLevel(v, &p.debug))
       TCPX_ERR(tcpxInvalidArgument,
@@ -164,11 +173,8 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
   if (const char* v = get("TCPX_NTHREADS")) {
     TCPX_CHECK(parseInt("TCPX_NTHREADS", v, 1, 64, &p.nthreads));
   } else {
-    // torchrun tells each process how many share the host.
-    int lws = 1;
-    if (const char* l = get("LOCAL_WORLD_SIZE")) lws = std::max(1, atoi(l));
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    p.nthreads = autoThreads(cpus > 0 ? static_cast<int>(cpus) : 1, lws);
+    const int lws = localWorldSize();
+    p.nthreads = autoThreads(onlineCpus(), lws);
   }
   if (const char* v = get("TCPX_NCHANNELS"))
     TCPX_CHECK(parseInt("TCPX_NCHANNELS", v, 1, 32, &p.nchannels));
@@ -189,6 +195,8 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
     TCPX_CHECK(parseBytes("TCPX_ALGO_THRESHOLD", v, 0, 1ull << 40, &p.algoThreshold));
   if (const char* v = get("TCPX_SPIN_US"))
     TCPX_CHECK(parseInt("TCPX_SPIN_US", v, 0, 1000000, &p.spinUs));
+  else
+    p.spinUs = autoSpinUs(onlineCpus(), localWorldSize());
   if (const char* v = get("TCPX_GPU_NIC_MAP")) p.gpuNicMap = trim(v);
   if (const char* v = get("TCPX_CUDA_WAIT")) {
     p.cudaWait = toLower(trim(v));
@@ -196,10 +204,16 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
       TCPX_ERR(tcpxInvalidArgument,
                "TCPX_CUDA_WAIT='%s' is invalid: expected kernel, memop or host", v);
   }
+  if (const char* v = get("TCPX_CUDA_HOST_BYTES"))
+    TCPX_CHECK(parseBytes("TCPX_CUDA_HOST_BYTES", v, 0, 1ull << 20, &p.cudaHostBytes));
   if (const char* v = get("TCPX_CUDA_BLOCKS"))
     TCPX_CHECK(parseInt("TCPX_CUDA_BLOCKS", v, 1, 64, &p.cudaBlocks));
   *out = p;
   return tcpxSuccess;
+}
+
+int autoSpinUs(int cpus, int localWorldSize) {
+  return cpus >= 4 * std::max(1, localWorldSize) ? 50 : 0;
 }
 
 int autoThreads(int cpus, int localWorldSize) {
@@ -229,11 +243,11 @@ std::string describeParams(const Params& p) {
       "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d,cuda:%d TCPX_NTHREADS=%d "
       "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu,cuda:%zu TCPX_BUFFERS=%d,cuda:%d TCPX_SLICE_BYTES=%zu "
       "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
-      "TCPX_CUDA_WAIT=%s TCPX_CUDA_BLOCKS=%d",
+      "TCPX_CUDA_WAIT=%s TCPX_CUDA_BLOCKS=%d TCPX_CUDA_HOST_BYTES=%zu",
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,
       p.cudaNsocks, p.nthreads, p.nchannels, p.chunkBytes, p.cudaChunkBytes, p.buffers, p.cudaBuffers, p.sliceBytes, p.inlineBytes,
       p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs,
-      p.cudaWait.c_str(), p.cudaBlocks);
+      p.cudaWait.c_str(), p.cudaBlocks, p.cudaHostBytes);
 }
 
 }  // namespace tcpx

@@ -34,12 +34,16 @@ struct Params {
   size_t cudaChunkBytes = 8 * 1024 * 1024;
   int cudaBuffers = 4;  // 32 MiB in flight per peer, 64 MiB pinned
   int cudaNsocks = 8;
+  // TCPX_CUDA_HOST_BYTES (0-1 MiB): CUDA all_reduces up to this size go
+  // through the host relay (transport/relay.h): one kernel, the CPU path
+  // on pinned memory, no op-kernel round trips. 0 turns it off.
+  size_t cudaHostBytes = 512 * 1024;
   int buffers = 8;                          // TCPX_BUFFERS: bounce buffers per peer connection
   size_t sliceBytes = 512 * 1024;           // TCPX_SLICE_BYTES: unit a message is cut into across data sockets
   size_t inlineBytes = 16 * 1024;           // TCPX_INLINE_BYTES: messages up to this size ride the control socket
   std::string algo;                         // TCPX_ALGO: "" (auto), "ring", "allreduce:rd,broadcast:chain", ...
   size_t algoThreshold = 64 * 1024;         // TCPX_ALGO_THRESHOLD: at or below, latency-optimal algorithms
-  int spinUs = 0;                           // TCPX_SPIN_US: busy-poll before blocking, microseconds
+  int spinUs = 0;                           // TCPX_SPIN_US: busy-poll before blocking, microseconds (default: autoSpinUs)
   std::string gpuNicMap;                    // TCPX_GPU_NIC_MAP (multi-NIC pairing override)
   std::string cudaWait = "kernel";          // TCPX_CUDA_WAIT: kernel | memop | host
   int cudaBlocks = 8;                       // TCPX_CUDA_BLOCKS: thread blocks of a CUDA op kernel
@@ -59,9 +63,20 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
 tcpxResult_t getParams(const Params** out);
 
 // Default progress threads per process: half the cores available to each
-// local rank, between 1 and 4. Measured on a 2-core machine (docs/performance.md):
+// local rank, between 1 and 8. Measured on a 2-core machine (docs/performance.md):
 // extra threads only add context switches when ranks outnumber cores.
 int autoThreads(int cpus, int localWorldSize);
+
+// Default TCPX_SPIN_US: 50 us where each local rank has at least 4 cores,
+// else 0. The worker busy-polls that long after its last progress instead
+// of sleeping, which saves a wake-up per message: a 1 KiB CUDA all_reduce
+// took 25 us instead of 32-35 us on 2 x H200 (16 cores per rank). The
+// progress threads do not spin: spinning them as well measured lower
+// all_reduce bandwidth at 256 MiB (15.5-15.7 against 16.4-19.2 GB/s). On a
+// 2-core machine with 2 ranks, spinning (worker and progress threads,
+// 100 us) took the cores that the other threads needed: a CPU 1 KiB
+// all_reduce went from 68 to 220 us. docs/performance.md.
+int autoSpinUs(int cpus, int localWorldSize);
 
 // "TCPX_NSOCKS=2,cuda:8 TCPX_NTHREADS=2 ...": one NAME=value token per knob
 // (no spaces in a value; where CUDA tensors have their own default,

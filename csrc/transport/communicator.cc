@@ -208,6 +208,17 @@ struct Communicator::Impl {
   bool pollDevice = false;
   DeviceStage* stage() const { return opts.stage.get(); }
 
+  // TCPX_SPIN_US applies around short collectives only (the last one and
+  // the running one under kSpinOpLimit): a wake-up (5-10 us) matters to an
+  // op of tens of us, while a worker spinning through a bulk op competes
+  // with the progress threads (measured in docs/performance.md).
+  static constexpr std::chrono::microseconds kSpinOpLimit{500};
+  Clock::duration lastCollTime{};
+  bool spinAllowed(Clock::time_point now) const {
+    if (active && now - active->started > kSpinOpLimit) return false;
+    return lastCollTime < kSpinOpLimit;
+  }
+
   // Sends of failed operations still in the net; the task reference keeps
   // their buffers alive until the net lets go.
   struct Draining {
@@ -533,8 +544,10 @@ struct Communicator::Impl {
     a.seq = curSeq;
     a.timeout = taskTimeout(*task);
     a.deadline = Clock::now() + a.timeout;
-    a.sched.stage = stage();
-    if (stage()) stage()->bind(task->deviceOp);
+    // A task without an op kernel (a host-staged CUDA op, a failed one) runs
+    // on host memory even on a CUDA communicator.
+    a.sched.stage = task->deviceOp ? stage() : nullptr;
+    if (a.sched.stage) a.sched.stage->bind(task->deviceOp);
     tcpxResult_t r = task->build ? task->build(&a.sched) : tcpxSuccess;
     if (r != tcpxSuccess) {
       // Peers may wait for this rank's part of the operation (or have sent
@@ -836,7 +849,7 @@ struct Communicator::Impl {
   // the comm stream has run everything it enqueued (finish() may add work).
   void finishActive() {
     ActiveColl& a = *active;
-    tcpxResult_t r = a.task->finish ? a.task->finish() : tcpxSuccess;
+    tcpxResult_t r = a.task->finish ? a.task->finish(a.sched.stage) : tcpxSuccess;
     if (r == tcpxSuccess && a.sched.stage) {
       r = a.sched.stage->record(&a.finishTicket);
       if (r == tcpxSuccess) {
@@ -853,6 +866,7 @@ struct Communicator::Impl {
   // The running collective is over: the next one may start.
   void endActive(tcpxResult_t r, const std::string& msg) {
     auto task = active->task;
+    lastCollTime = Clock::now() - active->started;
     active.reset();
     curSeq++;
     complete(task, r, msg);
@@ -1518,7 +1532,9 @@ struct Communicator::Impl {
         lastProgress = now;
         continue;
       }
-      if (opts.spinUs > 0 && now - lastProgress < std::chrono::microseconds(opts.spinUs)) continue;
+      if (opts.spinUs > 0 && now - lastProgress < std::chrono::microseconds(opts.spinUs) &&
+          spinAllowed(now))
+        continue;
       if (pollDevice) {
         // Waiting for the GPU: nothing will bump `events` when it is done.
         std::this_thread::yield();

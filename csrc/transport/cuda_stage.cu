@@ -31,6 +31,7 @@
 
 #include "common/logging.h"
 #include "common/utils.h"
+#include "transport/relay.h"
 #include "transport/stage.h"
 #include "transport/unpack.h"
 #include "transport/unpack_device.cuh"
@@ -300,6 +301,69 @@ __global__ void writeFlagKernel(volatile uint32_t* flag, uint32_t value) {
   __threadfence_system();
 }
 
+// Host relay (transport/relay.h). Block b stages bytes [b*B, (b+1)*B) of
+// the input (B = kRelayBlockBytes; the last block the rest) and releases
+// its header word; then reads the same range of the result.
+constexpr int kRelayThreads = 256;
+
+__device__ __forceinline__ uint32_t loadAcquireSys32(const volatile uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Copies bytes [begin, end) from `src` to `dst` with 16-byte vectors where
+// both are 16-byte aligned at `begin`, else byte by byte.
+__device__ __forceinline__ void relayCopy(char* dst, const char* src, size_t begin, size_t end) {
+  if (((reinterpret_cast<uintptr_t>(src + begin) | reinterpret_cast<uintptr_t>(dst + begin)) & 15) == 0) {
+    const size_t vecs = (end - begin) / 16;
+    const uint4* s4 = reinterpret_cast<const uint4*>(src + begin);
+    uint4* d4 = reinterpret_cast<uint4*>(dst + begin);
+    for (size_t i = threadIdx.x; i < vecs; i += blockDim.x) d4[i] = s4[i];
+    begin += vecs * 16;
+  }
+  for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x) dst[i] = src[i];
+}
+
+__global__ void __launch_bounds__(kRelayThreads)
+    hostRelayKernel(const char* src, char* dst, size_t bytes, char* slot, uint32_t gen) {
+  volatile uint32_t* header = reinterpret_cast<volatile uint32_t*>(slot);
+  char* data = slot + kRelayHeader;
+  const size_t begin = blockIdx.x * kRelayBlockBytes;
+  const size_t end = blockIdx.x + 1 == gridDim.x ? bytes : begin + kRelayBlockBytes;
+  relayCopy(data, src, begin, end);
+  __threadfence_system();  // the data before the gate, for the host
+  __syncthreads();
+  if (threadIdx.x == 0) header[blockIdx.x] = gen;
+  if (relayLL(bytes)) {  // one block
+    const char* ll = data + relayDataBytes(bytes);
+    const bool vec = (reinterpret_cast<uintptr_t>(dst) & 7) == 0;
+    for (size_t u = threadIdx.x; u < relayUnits(bytes); u += blockDim.x) {
+      uint4 v = loadVolatile16(ll + u * 16);
+      for (int spins = 0; v.y != gen || v.w != gen; spins++) {
+        if (spins > 8) __nanosleep(100);
+        v = loadVolatile16(ll + u * 16);
+      }
+      const size_t off = u * 8;
+      if (vec && off + 8 <= bytes) {
+        *reinterpret_cast<uint2*>(dst + off) = make_uint2(v.x, v.z);
+      } else {
+        const uint32_t words[2] = {v.x, v.z};
+        const char* w = reinterpret_cast<const char*>(words);
+        for (size_t i = 0; i < 8 && off + i < bytes; i++) dst[off + i] = w[i];
+      }
+    }
+    return;
+  }
+  if (threadIdx.x == 0) {
+    const volatile uint32_t* done = header + kRelayDoneOffset / 4;
+    for (int spins = 0; loadAcquireSys32(done) != gen; spins++)
+      if (spins > 8) __nanosleep(100);
+  }
+  __syncthreads();
+  relayCopy(dst, data, begin, end);
+}
+
 // Switches the calling thread to `device` and back (methods that callers'
 // threads use must not change their current device).
 class DeviceGuard {
@@ -338,6 +402,7 @@ class CudaStage final : public DeviceStage {
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, pageMetasKernel));
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, waitFlagKernel));
     TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, writeFlagKernel));
+    TCPX_CUDA_CHECK(cudaFuncGetAttributes(&attr, hostRelayKernel));
     TCPX_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&recs_), sizeof(OpRecord) * kOps,
                                   cudaHostAllocMapped | cudaHostAllocPortable));
     memset(static_cast<void*>(recs_), 0, sizeof(OpRecord) * kOps);
@@ -752,6 +817,19 @@ tcpxResult_t streamWriteFlag(volatile uint32_t* flag, uint32_t value, void* stre
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess)
     TCPX_ERR(tcpxUnhandledCudaError, "launching the flag write failed: %s", cudaGetErrorString(e));
+  return tcpxSuccess;
+}
+
+tcpxResult_t streamHostRelay(const void* src, void* dst, size_t bytes, void* slot, uint32_t gen,
+                             void* stream) {
+  if (bytes == 0) TCPX_ERR(tcpxInvalidArgument, "a host relay needs at least one byte");
+  if (reinterpret_cast<uintptr_t>(slot) & 15)
+    TCPX_ERR(tcpxInvalidArgument, "the relay slot %p is not 16-byte aligned", slot);
+  hostRelayKernel<<<relayBlocks(bytes), kRelayThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const char*>(src), static_cast<char*>(dst), bytes, static_cast<char*>(slot), gen);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    TCPX_ERR(tcpxUnhandledCudaError, "launching the host relay failed: %s", cudaGetErrorString(e));
   return tcpxSuccess;
 }
 

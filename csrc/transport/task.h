@@ -54,8 +54,10 @@ class CollectiveTask : public Task {
   // header, and may do local work first (copies, scaling). An error fails
   // the task without any message sent.
   std::function<tcpxResult_t(Schedule*)> build;
-  // Runs on the worker after every step succeeded (e.g. AVG's division).
-  std::function<tcpxResult_t()> finish;
+  // Runs on the worker after every step succeeded (e.g. AVG's division), on
+  // the stage the schedule ran on (Schedule::stage; null: host memory, also
+  // for a host-staged op of a CUDA communicator).
+  std::function<tcpxResult_t(DeviceStage*)> finish;
 };
 
 // Point-to-point: `bytes` of `data` to/from `peer`, matched by (peer, tag)

@@ -19,6 +19,7 @@
 #include "collectives/collectives.h"
 #include "collectives/reduce.h"
 #include "test_util.h"
+#include "transport/relay.h"
 #include "transport/stage.h"
 
 namespace tcpx {
@@ -253,23 +254,22 @@ float allreduceRef(RedOp op, int n, size_t i) {
   return op == RedOp::kAvg ? acc / static_cast<float>(n) : acc;
 }
 
-// SUM and MAX, and AVG and PREMUL_SUM, whose division and scaling are serial
-// items (the out-of-order fake runs them after everything before them).
-TEST_P(DeviceStageTest, AllreduceMatchesReference) {
-  const int n = GetParam();
-  StagedGroup g(n);
-  ASSERT_TRUE(g.ok());
+const RedOp kAllreduceOps[] = {RedOp::kSum, RedOp::kMax, RedOp::kAvg, RedOp::kPremulSum};
+
+// Every op of kAllreduceOps at every count of kCounts on every rank of g,
+// checked against allreduceRef; withOp: issued with an op of the stage (as
+// c10d issues CUDA collectives), else without (a host-staged CUDA op).
+void runAllreduces(StagedGroup& g, int n, bool withOp) {
   CollConfig cfg;
   cfg.threshold = 512;
-  const RedOp ops[] = {RedOp::kSum, RedOp::kMax, RedOp::kAvg, RedOp::kPremulSum};
   runRanks(n, [&](int r) {
     for (size_t count : kCounts) {
-      for (RedOp op : ops) {
+      for (RedOp op : kAllreduceOps) {
         std::vector<float> buf = inputs(r, count);
         std::shared_ptr<CollectiveTask> t;
         ASSERT_EQ(makeAllreduce(*g.comms[r], cfg, buf.data(), count, DataType::kFloat32, op, 0.5, &t),
                   tcpxSuccess);
-        TaskResult res = run(*g.comms[r], t);
+        TaskResult res = withOp ? run(*g.comms[r], t) : startTask(*g.comms[r], t).get();
         ASSERT_TRUE(res.ok()) << res.message;
         for (size_t i = 0; i < count; i++)
           ASSERT_EQ(buf[i], allreduceRef(op, n, i))
@@ -277,6 +277,15 @@ TEST_P(DeviceStageTest, AllreduceMatchesReference) {
       }
     }
   });
+}
+
+// SUM and MAX, and AVG and PREMUL_SUM, whose division and scaling are serial
+// items (the out-of-order fake runs them after everything before them).
+TEST_P(DeviceStageTest, AllreduceMatchesReference) {
+  const int n = GetParam();
+  StagedGroup g(n);
+  ASSERT_TRUE(g.ok());
+  runAllreduces(g, n, /*withOp=*/true);
   // Every byte went through the stage: staged sends and unpacks were used.
   for (auto& s : g.stages) {
     EXPECT_GT(s->copies(), 0);
@@ -289,12 +298,29 @@ TEST_P(DeviceStageTest, AllreduceMatchesReference) {
   // kept staging copies and unpacks in flight for a while.
   for (auto& c : g.comms) {
     DeviceBreakdown b = c->deviceBreakdown();
-    EXPECT_EQ(b.ops, std::size(kCounts) * std::size(ops));
+    EXPECT_EQ(b.ops, std::size(kCounts) * std::size(kAllreduceOps));
     EXPECT_GT(b.wallUs, 0);
     EXPECT_GT(b.stagingUs, 0);
     EXPECT_GT(b.netUs, 0);
     EXPECT_GT(b.unpackUs, 0);
     EXPECT_LE(b.stagingUs, b.wallUs * 1.001);
+  }
+}
+
+// A task without an op kernel on a device communicator (a small CUDA
+// all_reduce staged whole through pinned memory by c10d) runs on host
+// memory: CPU reductions, AVG's division and PREMUL_SUM's scaling on the
+// host, and nothing is posted to the stage.
+TEST_P(DeviceStageTest, TaskWithoutOpRunsOnHostMemory) {
+  const int n = GetParam();
+  StagedGroup g(n);
+  ASSERT_TRUE(g.ok());
+  runAllreduces(g, n, /*withOp=*/false);
+  for (auto& s : g.stages) {
+    EXPECT_EQ(s->copies(), 0);
+    EXPECT_EQ(s->unpacks(), 0);
+    EXPECT_EQ(s->pending(), 0u);
+    EXPECT_TRUE(s->opsBalanced());
   }
 }
 
@@ -430,6 +456,53 @@ TEST_P(DeviceStageTest, MismatchFailsAndGroupStaysUsable) {
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, DeviceStageTest, ::testing::Values(2, 3, 5));
+
+// The host relay's slot (transport/relay.h), read back the way the relay
+// kernel reads it. LL mode: 16-byte units {d0, f0, d1, f1} after the data
+// area, little-endian, 4 data bytes per line, the flag the generation;
+// sizes cover a partial line, a partial unit and whole units. Flag mode:
+// the data stay in place and the done word at offset 128 is the
+// generation. The gate needs every block's header word.
+TEST(HostRelay, PublishWritesTheSlotLayout) {
+  for (size_t bytes : {1, 3, 4, 5, 8, 12, 16, 1000, 1024, 4096, 4097, 100000}) {
+    std::vector<uint8_t> slot(relaySlotBytes(bytes) + 16, 0xee);  // a canary past the end
+    std::vector<uint8_t> data(bytes);
+    for (size_t i = 0; i < bytes; i++) data[i] = static_cast<uint8_t>(i * 7 + 1);
+    memcpy(slot.data() + 256, data.data(), bytes);
+    const bool ll = bytes <= 4096;
+    ASSERT_EQ(relaySlotBytes(bytes), 256 + (bytes + 15) / 16 * 16 + (ll ? (bytes + 7) / 8 * 16 : 0));
+    relayPublish(slot.data(), bytes, 0xabcd1234u);
+    auto word = [&](size_t off) {
+      const uint8_t* p = &slot[off];
+      return p[0] | p[1] << 8 | p[2] << 16 | static_cast<uint32_t>(p[3]) << 24;
+    };
+    EXPECT_EQ(word(128), ll ? 0xeeeeeeeeu : 0xabcd1234u) << bytes << " bytes";
+    EXPECT_EQ(memcmp(slot.data() + 256, data.data(), bytes), 0) << bytes << " bytes";
+    if (ll) {
+      const size_t area = 256 + (bytes + 15) / 16 * 16;
+      for (size_t line = 0; line < (bytes + 7) / 8 * 2; line++) {
+        EXPECT_EQ(word(area + line * 8 + 4), 0xabcd1234u) << bytes << " bytes, line " << line;
+        for (int b = 0; b < 4; b++) {
+          const size_t off = line * 4 + b;
+          EXPECT_EQ(slot[area + line * 8 + b], off < bytes ? data[off] : 0) << bytes << " bytes, byte " << off;
+        }
+      }
+    }
+    for (size_t i = relaySlotBytes(bytes); i < slot.size(); i++) ASSERT_EQ(slot[i], 0xee) << bytes << " bytes";
+  }
+}
+
+TEST(HostRelay, GateWaitsForEveryBlock) {
+  const size_t bytes = 3 * 32768 + 1;  // four blocks
+  std::vector<uint32_t> header(64, 0);
+  for (int b = 0; b < 4; b++) {
+    EXPECT_FALSE(relayStaged(header.data(), bytes, 7)) << b << " blocks staged";
+    header[b] = 7;
+  }
+  EXPECT_TRUE(relayStaged(header.data(), bytes, 7));
+  EXPECT_FALSE(relayStaged(header.data(), bytes, 8));
+  EXPECT_TRUE(relayStaged(header.data(), 100, 7));  // one block
+}
 
 }  // namespace
 }  // namespace tcpx

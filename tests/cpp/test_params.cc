@@ -30,6 +30,19 @@ tcpxResult_t parseEnv(const Env& env, Params* out) {
       out);
 }
 
+TEST(Params, AutoSpinUs) {
+  // 50 us with at least 4 cores per local rank, else no spinning.
+  EXPECT_EQ(autoSpinUs(2, 2), 0);
+  EXPECT_EQ(autoSpinUs(2, 1), 0);
+  EXPECT_EQ(autoSpinUs(4, 1), 50);
+  EXPECT_EQ(autoSpinUs(7, 2), 0);
+  EXPECT_EQ(autoSpinUs(8, 2), 50);
+  EXPECT_EQ(autoSpinUs(32, 2), 50);
+  EXPECT_EQ(autoSpinUs(208, 8), 50);
+  EXPECT_EQ(autoSpinUs(16, 8), 0);
+  EXPECT_EQ(autoSpinUs(4, 0), 50);
+}
+
 TEST(Params, AutoThreads) {
   // Half the cores per local rank, at least 1, at most 8.
   EXPECT_EQ(autoThreads(2, 4), 1);
@@ -67,8 +80,9 @@ TEST(Params, Defaults) {
   EXPECT_EQ(p.inlineBytes, 16u * 1024);
   EXPECT_EQ(p.algo, "");
   EXPECT_EQ(p.algoThreshold, 64u * 1024);
-  EXPECT_EQ(p.spinUs, 0);
+  EXPECT_EQ(p.spinUs, cpus >= 4 ? 50 : 0);  // autoSpinUs with one local rank
   EXPECT_EQ(p.gpuNicMap, "");
+  EXPECT_EQ(p.cudaHostBytes, 512u * 1024);
   // The CUDA communicator's own defaults.
   EXPECT_EQ(p.cudaChunkBytes, 8u << 20);
   EXPECT_EQ(p.cudaBuffers, 4);
@@ -155,6 +169,8 @@ TEST(Params, ValidValues) {
       {"TCPX_CUDA_WAIT", "host", [](const Params& p) { return p.cudaWait == "host"; }},
       {"TCPX_CUDA_WAIT", "MemOp", [](const Params& p) { return p.cudaWait == "memop"; }},
       {"TCPX_CUDA_WAIT", "kernel", [](const Params& p) { return p.cudaWait == "kernel"; }},
+      {"TCPX_CUDA_HOST_BYTES", "0", [](const Params& p) { return p.cudaHostBytes == 0; }},
+      {"TCPX_CUDA_HOST_BYTES", "1M", [](const Params& p) { return p.cudaHostBytes == 1u << 20; }},
       {"TCPX_GPU_NIC_MAP", "0:eth1,1:eth1",
        [](const Params& p) { return p.gpuNicMap == "0:eth1,1:eth1"; }},
   };
@@ -211,6 +227,8 @@ TEST(Params, InvalidValuesNameTheVariable) {
       {"TCPX_SPIN_US", "-1"},
       {"TCPX_SPIN_US", "1000001"},
       {"TCPX_CUDA_WAIT", "stream"},
+      {"TCPX_CUDA_HOST_BYTES", "2M"},
+      {"TCPX_CUDA_HOST_BYTES", "-1"},
   };
   for (const InvalidCase& c : cases) {
     Params p;

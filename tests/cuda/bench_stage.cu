@@ -9,6 +9,11 @@
 //   nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/bench_stage.cu csrc/transport/cuda_stage.cu \
 //     csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/bench_stage && /tmp/bench_stage [blocks...]
 // Prints one table per block count (TCPX_CUDA_BLOCKS), times in µs, GB/s = 1e9 B/s.
+// Then the host relay (transport/relay.h) with this thread as a worker that
+// answers at once: µs per relay for kRelays relays back to back (the
+// device-side floor of a small all_reduce without its network), against the
+// same round trip by copy engines (D->H copy, flag kernel, flag wait, H->D
+// copy), and the host's time to enqueue one.
 // Built with -DTCPX_STAGE_TIMING (both files), it also splits the median
 // latency with block 0's %globaltimer stamps: read = tag seen to command
 // read, work = to its own part written and fenced, gather = to every block
@@ -20,11 +25,13 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
 
 #include "cuda_check.h"
+#include "transport/relay.h"
 #include "transport/stage.h"
 
 using namespace tcpx;
@@ -136,6 +143,83 @@ void run(int blocks) {
   CUDA_OK(cudaFree(dev));
 }
 
+// One relay round trip, `kRelays` back to back: kind 0 = relay kernel,
+// 1 = copy engines with a flag kernel and a cuStreamWaitValue32 wait,
+// 2 = copy engines with flag kernels both ways. The host answers each as
+// soon as it sees the gate. Returns {µs per round trip, µs to enqueue one}.
+std::pair<double, double> relayRun(int kind, size_t bytes, cudaStream_t stream, char* dev,
+                                   char* slab, uint32_t* flags, uint32_t* gen) {
+  constexpr int kRelays = 200;
+  const size_t stride = relaySlotBytes(1 << 20);
+  std::vector<char> result(bytes);
+  CUDA_OK(cudaStreamSynchronize(stream));
+  const uint32_t first = *gen + 1;
+  auto t0 = Clock::now();
+  for (int k = 0; k < kRelays; k++) {
+    const uint32_t g = ++*gen;
+    char* slot = slab + (k % 4) * stride;
+    uint32_t* staged = &flags[(2 * g) % 4096];
+    if (kind == 0) {
+      TCPX_OK(streamHostRelay(dev, dev, bytes, slot, g, stream));
+    } else {
+      CUDA_OK(cudaMemcpyAsync(slot, dev, bytes, cudaMemcpyDeviceToHost, stream));
+      TCPX_OK(streamWriteFlag(staged, g, stream));
+      TCPX_OK(streamWaitFlag(&flags[(2 * g + 1) % 4096], g, stream, kind == 1));
+      CUDA_OK(cudaMemcpyAsync(dev, slot, bytes, cudaMemcpyHostToDevice, stream));
+    }
+  }
+  const double enqueue = usSince(t0) / kRelays;
+  for (int k = 0; k < kRelays; k++) {
+    const uint32_t g = first + k;
+    char* slot = slab + (k % 4) * stride;
+    if (kind == 0) {
+      while (!relayStaged(slot, bytes, g)) {
+      }
+      memcpy(result.data(), relayData(slot), bytes);  // what a worker's reduction reads
+      relayPublish(slot, bytes, g);
+    } else {
+      while (*reinterpret_cast<volatile uint32_t*>(&flags[(2 * g) % 4096]) != g) {
+      }
+      memcpy(result.data(), slot, bytes);
+      __atomic_store_n(&flags[(2 * g + 1) % 4096], g, __ATOMIC_RELEASE);
+    }
+  }
+  CUDA_OK(cudaStreamSynchronize(stream));
+  return {usSince(t0) / kRelays, enqueue};
+}
+
+void relayBench() {
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::shared_ptr<DeviceStage> stage;  // loads the flag kernels
+  TCPX_OK(createCudaStage(0, 1, &stage));
+  char *slab, *dev;
+  uint32_t* flags;
+  CUDA_OK(cudaHostAlloc(reinterpret_cast<void**>(&slab), 4 * relaySlotBytes(1 << 20), cudaHostAllocMapped));
+  CUDA_OK(cudaHostAlloc(reinterpret_cast<void**>(&flags), 4096 * 4, cudaHostAllocMapped));
+  memset(flags, 0, 4096 * 4);
+  CUDA_OK(cudaMalloc(&dev, 1 << 20));
+  CUDA_OK(cudaMemset(dev, 1, 1 << 20));
+  uint32_t gen = 0;
+  printf("\nhost relay, round trips back to back, host answering at once (µs per round trip / µs to enqueue one)\n");
+  printf("%10s %18s %24s %24s\n", "bytes", "relay kernel", "copies+flag memop wait", "copies+flag kernels");
+  for (size_t bytes : {4, 1024, 4096, 8192, 16384, 65536, 262144, 1048576}) {
+    double t[3][2];
+    for (int kind = 0; kind < 3; kind++) {
+      relayRun(kind, bytes, stream, dev, slab, flags, &gen);  // warm-up
+      auto r = relayRun(kind, bytes, stream, dev, slab, flags, &gen);
+      t[kind][0] = r.first;
+      t[kind][1] = r.second;
+    }
+    printf("%10zu %10.1f / %5.1f %16.1f / %5.1f %16.1f / %5.1f\n", bytes, t[0][0], t[0][1], t[1][0],
+           t[1][1], t[2][0], t[2][1]);
+  }
+  CUDA_OK(cudaFree(dev));
+  CUDA_OK(cudaFreeHost(slab));
+  CUDA_OK(cudaFreeHost(flags));
+  CUDA_OK(cudaStreamDestroy(stream));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -149,5 +233,6 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; i++) blocks.push_back(atoi(argv[i]));
   if (blocks.empty()) blocks = {1, 4, 8, 16};
   for (int b : blocks) run(b);
+  relayBench();
   return 0;
 }

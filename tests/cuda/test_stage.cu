@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cuda_check.h"
+#include "transport/relay.h"
 #include "transport/stage.h"
 
 using namespace tcpx;
@@ -71,6 +72,7 @@ void testRoundTrip(DeviceStage& s, cudaStream_t stream) {
     CUDA_OK(cudaMemcpy(B.da, B.a.data(), bytes, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(B.dOwn, B.b.data(), bytes, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemset(B.dOut, 0x7f, bytes + 64));
+    CUDA_OK(cudaDeviceSynchronize());  // the op's non-blocking stream does not wait for these
     B.pinned = static_cast<float*>(s.allocHost(bytes + 64));
     B.back = static_cast<float*>(s.allocHost(bytes + 64));
   }
@@ -135,6 +137,7 @@ void testManyOps(DeviceStage& s, cudaStream_t stream) {
   int* ones;
   CUDA_OK(cudaMalloc(&ones, 4 * 1000));
   CUDA_OK(cudaMemcpy(ones, one.data(), 4 * 1000, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaDeviceSynchronize());
   for (int round = 0; round < 100; round++) {
     uint64_t ops[3];
     for (uint64_t& op : ops) TCPX_OK(s.launch(stream, &op));
@@ -157,6 +160,99 @@ void testManyOps(DeviceStage& s, cudaStream_t stream) {
   report(ok, "300 ops through 128 op records, each adding 1 (got " + std::to_string(got[0]) + ")");
   CUDA_OK(cudaFree(counter));
   CUDA_OK(cudaFree(ones));
+}
+
+// Host relay (transport/relay.h): this thread plays the worker, which sees
+// the gate, transforms the staged bytes (b -> 255 - b, so a kernel that
+// copied its input through would fail) and publishes them. Sizes around
+// lines and units, up to the 1 MiB limit; sources and destinations at
+// offsets 0, 1, 4 and 8 (the kernel's vector and byte paths), in place
+// and not; relays back to back on one slot and on a ring of slots.
+void testHostRelay(cudaStream_t stream) {
+  phase = "host relay";
+  const std::vector<size_t> sizes = {1, 3, 4, 7, 8, 9, 16, 1000, 1024, 4097, 65536, 65539, 1 << 20};
+  const size_t maxBytes = 1 << 20;
+  char* slab;
+  const int kSlots = 3;
+  const size_t stride = relaySlotBytes(maxBytes);
+  CUDA_OK(cudaHostAlloc(reinterpret_cast<void**>(&slab), kSlots * stride, cudaHostAllocMapped));
+  memset(slab, 0, kSlots * stride);
+  char *dSrc, *dDst;
+  CUDA_OK(cudaMalloc(&dSrc, maxBytes + 64));
+  CUDA_OK(cudaMalloc(&dDst, maxBytes + 64));
+  uint32_t gen = 0;
+  int cases = 0;
+  bool ok = true;
+  std::string firstBad;
+  for (size_t bytes : sizes) {
+    for (int srcOff : {0, 1, 4, 8}) {
+      for (bool inPlace : {true, false}) {
+        const int dstOff = inPlace ? srcOff : (srcOff + 4) % 16;
+        std::vector<uint8_t> in(bytes), want(bytes), got(bytes);
+        for (size_t i = 0; i < bytes; i++) in[i] = static_cast<uint8_t>((i * 131 + bytes) % 251);
+        for (size_t i = 0; i < bytes; i++) want[i] = static_cast<uint8_t>(255 - in[i]);
+        char* src = dSrc + srcOff;
+        char* dst = inPlace ? src : dDst + dstOff;
+        // On the relay's stream: a pageable cudaMemcpy may return before its
+        // DMA is done, and a non-blocking stream does not wait for it.
+        CUDA_OK(cudaMemcpyAsync(src, in.data(), bytes, cudaMemcpyHostToDevice, stream));
+        CUDA_OK(cudaMemsetAsync(dDst, 0x5a, maxBytes + 64, stream));
+        char* slot = slab + (cases % kSlots) * stride;
+        gen++;
+        TCPX_OK(streamHostRelay(src, dst, bytes, slot, gen, stream));
+        while (!relayStaged(slot, bytes, gen)) std::this_thread::yield();
+        char* data = relayData(slot);
+        for (size_t i = 0; i < bytes; i++) data[i] = static_cast<char>(255 - static_cast<uint8_t>(data[i]));
+        relayPublish(slot, bytes, gen);
+        CUDA_OK(cudaStreamSynchronize(stream));
+        CUDA_OK(cudaMemcpy(got.data(), dst, bytes, cudaMemcpyDeviceToHost));
+        bool good = got == want;
+        if (!inPlace) {  // nothing written around the destination
+          uint8_t around[2];
+          if (dstOff > 0) {
+            CUDA_OK(cudaMemcpy(around, dst - 1, 1, cudaMemcpyDeviceToHost));
+            good &= around[0] == 0x5a;
+          }
+          CUDA_OK(cudaMemcpy(around + 1, dst + bytes, 1, cudaMemcpyDeviceToHost));
+          good &= around[1] == 0x5a;
+        }
+        if (!good && firstBad.empty())
+          firstBad = std::to_string(bytes) + " bytes, src offset " + std::to_string(srcOff) +
+                     (inPlace ? ", in place" : ", dst offset " + std::to_string(dstOff));
+        ok &= good;
+        cases++;
+      }
+    }
+  }
+  report(ok, std::to_string(cases) + " relays (sizes 1 B-1 MiB, offsets 0/1/4/8, in place or not) " +
+                 "match the host's transform" + (firstBad.empty() ? "" : "; first wrong: " + firstBad));
+  // Back to back: 200 relays queued before the host answers the first, on
+  // a ring of slots, each adding its index to a 1 KiB int32 buffer.
+  const int kRelays = 200, n = 256;
+  std::vector<int32_t> zero(n, 0);
+  CUDA_OK(cudaMemcpyAsync(dSrc, zero.data(), n * 4, cudaMemcpyHostToDevice, stream));
+  const uint32_t first = gen + 1;
+  for (int k = 0; k < kRelays; k++) {
+    gen++;
+    TCPX_OK(streamHostRelay(dSrc, dSrc, n * 4, slab + (k % kSlots) * stride, gen, stream));
+  }
+  for (int k = 0; k < kRelays; k++) {
+    const uint32_t g = first + k;
+    char* slot = slab + (k % kSlots) * stride;
+    while (!relayStaged(slot, n * 4, g)) std::this_thread::yield();
+    int32_t* v = reinterpret_cast<int32_t*>(relayData(slot));
+    for (int i = 0; i < n; i++) v[i] += k + i;
+    relayPublish(slot, n * 4, g);
+  }
+  CUDA_OK(cudaStreamSynchronize(stream));
+  std::vector<int32_t> sum(n);
+  CUDA_OK(cudaMemcpy(sum.data(), dSrc, n * 4, cudaMemcpyDeviceToHost));
+  bool chain = true;
+  for (int i = 0; i < n; i++) chain &= sum[i] == kRelays * (kRelays - 1) / 2 + kRelays * i;
+  report(chain, "200 relays of 1 KiB queued back to back on 3 slots, each adding to the last one's result");
+  CUDA_OK(cudaFree(dSrc));
+  CUDA_OK(cudaFree(dDst));
+  CUDA_OK(cudaFreeHost(slab));
 }
 
 // What the caller's thread does while the op (or a flag wait) is pending:
@@ -335,6 +431,7 @@ int main() {
   CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   testRoundTrip(*stage, stream);
   testManyOps(*stage, stream);
+  testHostRelay(stream);
   printf("%s: %d failure(s)\n", testFailures() ? "FAILED" : "OK", testFailures());
   return testFailures() ? 1 : 0;
 }

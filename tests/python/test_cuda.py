@@ -1113,8 +1113,11 @@ def test_future_then(pools, ws):
 # 7. errors
 # ---------------------------------------------------------------------------------------------
 
+# Sizes through the host relay (<= TCPX_CUDA_HOST_BYTES, 512 KiB), through the op kernel, and
+# one on each side of the limit (rank 0 relayed, the others through the op kernel).
 MISMATCH_NUMELS = {"1024-vs-1000": (1024, 1000),
-                   "1MiB+4KiB-vs-1MiB": ((1 << 18) + 1024, 1 << 18)}
+                   "1MiB+4KiB-vs-1MiB": ((1 << 18) + 1024, 1 << 18),
+                   "512KiB-vs-512KiB+4": (1 << 17, (1 << 17) + 1)}
 
 
 def rank_mismatch(rank, ws, *, case):

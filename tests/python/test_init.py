@@ -78,6 +78,7 @@ print("initialised")
     ({"TCPX_SOCKET_IFNAME": "=no-such-interface"}, ["TCPX_SOCKET_IFNAME", "no-such-interface"]),
     ({"TCPX_NET": "plugin"}, ["TCPX_NET", "plugin"]),
     ({"TCPX_CUDA_BLOCKS": "0"}, ["TCPX_CUDA_BLOCKS", "0", "[1, 64]"]),
+    ({"TCPX_CUDA_HOST_BYTES": "2M"}, ["TCPX_CUDA_HOST_BYTES", "2M"]),
     ({"TCPX_GPU_NIC_MAP": "0=eth1"}, ["TCPX_GPU_NIC_MAP", "0=eth1", "gpu:ifname"]),
 ])
 def test_bad_configuration_is_value_error(env, names):
@@ -128,7 +129,8 @@ def test_config_lists_every_knob_once():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cfg = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(k.startswith("TCPX_") for k in cfg), cfg
-    for knob in ("TCPX_NSOCKS", "TCPX_CHUNK_BYTES", "TCPX_BUFFERS", "TCPX_CUDA_BLOCKS"):
+    for knob in ("TCPX_NSOCKS", "TCPX_CHUNK_BYTES", "TCPX_BUFFERS", "TCPX_CUDA_BLOCKS",
+                 "TCPX_CUDA_HOST_BYTES", "TCPX_SPIN_US"):
         assert knob in cfg, cfg
     assert cfg["TCPX_NSOCKS"] == "2,cuda:8", cfg
     assert cfg["TCPX_CHUNK_BYTES"] == "524288,cuda:8388608", cfg
