@@ -25,6 +25,7 @@
 #include "common/logging.h"
 #include "common/param.h"
 #include "common/utils.h"
+#include "net/interfaces.h"
 #include "net/net.h"
 #include "net/pairing.h"
 #include "transport/relay.h"
@@ -546,17 +547,15 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
                     " is not available in this build (the NCCL net-plugin loader is not "
                     "implemented yet); use TCPX_NET=socket");
   {
-    // Its syntax is checked now, so that a typo is not found only once
-    // multi-NIC striping uses it.
+    // TCPX_GPU_NIC_MAP is checked now (syntax, interfaces that are devices
+    // of the net), not only at the first CUDA op.
     std::map<int, std::string> gpuNicMap;
     check(parseGpuNicMap(params->gpuNicMap, &gpuNicMap));
+    std::vector<NetInterface> devs;
+    check(selectNetDevices(params->socketIfname, params->socketFamily, "/sys", &devs));
+    std::vector<int> pairing(gpuNicMap.empty() ? 0 : gpuNicMap.rbegin()->first + 1, 0);
+    check(applyGpuNicMap(gpuNicMap, devs, &pairing));
   }
-  static std::once_flag reserved;
-  std::call_once(reserved, [&] {
-    if (params->nchannels != 1 || !params->gpuNicMap.empty())
-      TCPX_WARN("TCPX_NCHANNELS and TCPX_GPU_NIC_MAP are reserved for multi-NIC striping and "
-                "have no effect in this build");
-  });
   collConfig_ = CollConfig::fromParams(*params);
   if (!globalRanks_.empty() && static_cast<size_t>(rank) < globalRanks_.size())
     setLogRank(static_cast<int>(globalRanks_[rank]));
@@ -571,7 +570,12 @@ ProcessGroupTCPX::ProcessGroupTCPX(const c10::intrusive_ptr<c10d::Store>& store,
   o.name = groupName_.empty() ? "default" : groupName_;
   o.store = std::make_shared<C10dStore>(store);
   o.net = net;
-  o.dev = 0;
+  // CPU tensors: channels start on a NIC spread by local rank (torchrun's
+  // LOCAL_RANK); CUDA tensors on their GPU's NIC (commFor).
+  int ndev = 1;
+  check(net->devices(&ndev));
+  const char* localRank = getenv("LOCAL_RANK");
+  o.dev = std::max(0, nicForLocalRank(localRank ? atoi(localRank) : 0, ndev));
   o.chunkBytes = params->chunkBytes;
   o.buffers = params->buffers;
   o.spinUs = params->spinUs;
@@ -719,6 +723,38 @@ struct ProcessGroupTCPX::CudaState {
 };
 #endif
 
+#ifdef TCPX_WITH_CUDA
+namespace {
+// The net device (NIC) that CUDA device `gpu`'s channels start on: PCI
+// pairing over all of the process's GPUs, TCPX_GPU_NIC_MAP applied
+// (net/pairing.h); 0 when the pairing knows nothing.
+int cudaNic(int gpu) {
+  const Params* p = nullptr;
+  check(getParams(&p));
+  std::vector<NetInterface> devs;
+  check(selectNetDevices(p->socketIfname, p->socketFamily, "/sys", &devs));
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  std::vector<std::string> busIds;
+  for (int i = 0; i < n; i++) {
+    char id[32] = {};
+    if (cudaDeviceGetPCIBusId(id, sizeof(id), i) != cudaSuccess) cudaGetLastError();
+    busIds.emplace_back(id);
+  }
+  std::vector<int> pairing;
+  check(pairGpusWithMap("/sys", busIds, devs, p->gpuNicMap, &pairing));
+  const int nic = gpu >= 0 && gpu < static_cast<int>(pairing.size()) ? pairing[gpu] : -1;
+  if (nic >= 0)
+    TCPX_INFO(kLogInit | kLogNet, "GPU %d (%s): channels start on %s", gpu,
+              busIds[gpu].c_str(), devs[nic].name.c_str());
+  return std::max(0, nic);
+}
+}  // namespace
+#endif
+
 Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* op) {
   if (device.is_cpu()) return *comm_;
 #ifdef TCPX_WITH_CUDA
@@ -739,6 +775,7 @@ Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* o
   o.buffers = params_->cudaBuffers;
   o.nsocks = params_->cudaNsocks;
   o.store = std::make_shared<C10dStore>(c10::make_intrusive<c10d::PrefixStore>("cuda", store_));
+  o.dev = cudaNic(device.index());
   check(createCudaStage(device.index(), params_->cudaBlocks, &o.stage));
   cudaError_t e = cudaHostAlloc(reinterpret_cast<void**>(&state->flags),
                                 CudaState::kFlags * sizeof(uint32_t),

@@ -105,12 +105,12 @@ bootstrap through the store fails.)")
         if (tcpx::getParams(&p) != tcpx::tcpxSuccess) throw py::value_error("tcpx: " + tcpx::lastError());
         const std::vector<tcpx::NetInterface> devs = devices();
         std::vector<std::string> paths;
-        for (const std::string& id : busIds) paths.push_back(tcpx::pciPathOfBusId("/sys", id));
-        std::vector<int> pairing = tcpx::pairGpusWithNics(paths, devs);
-        std::map<int, std::string> overrides;
-        if (tcpx::parseGpuNicMap(p->gpuNicMap, &overrides) != tcpx::tcpxSuccess ||
-            tcpx::applyGpuNicMap(overrides, devs, &pairing) != tcpx::tcpxSuccess)
+        std::vector<int> pairing;
+        if (tcpx::pairGpusWithMap("/sys", busIds, devs, p->gpuNicMap, &pairing, &paths) !=
+            tcpx::tcpxSuccess)
           throw py::value_error("tcpx: " + tcpx::lastError());
+        std::map<int, std::string> overrides;
+        tcpx::parseGpuNicMap(p->gpuNicMap, &overrides);  // valid: pairGpusWithMap parsed it
         py::list out;
         for (size_t g = 0; g < busIds.size(); g++) {
           py::dict e;

@@ -241,11 +241,11 @@ tcpxResult_t getParams(const Params** out) {
 std::string describeParams(const Params& p) {
   return strFormat(
       "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d,cuda:%d TCPX_NTHREADS=%d "
-      "TCPX_NCHANNELS=%d TCPX_CHUNK_BYTES=%zu,cuda:%zu TCPX_BUFFERS=%d,cuda:%d TCPX_SLICE_BYTES=%zu "
+      "TCPX_NCHANNELS=%s TCPX_CHUNK_BYTES=%zu,cuda:%zu TCPX_BUFFERS=%d,cuda:%d TCPX_SLICE_BYTES=%zu "
       "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
       "TCPX_CUDA_WAIT=%s TCPX_CUDA_BLOCKS=%d TCPX_CUDA_HOST_BYTES=%zu",
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,
-      p.cudaNsocks, p.nthreads, p.nchannels, p.chunkBytes, p.cudaChunkBytes, p.buffers, p.cudaBuffers, p.sliceBytes, p.inlineBytes,
+      p.cudaNsocks, p.nthreads, p.nchannels ? std::to_string(p.nchannels).c_str() : "auto", p.chunkBytes, p.cudaChunkBytes, p.buffers, p.cudaBuffers, p.sliceBytes, p.inlineBytes,
       p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs,
       p.cudaWait.c_str(), p.cudaBlocks, p.cudaHostBytes);
 }

@@ -24,7 +24,7 @@ struct Params {
   int socketFamily = 0;                     // TCPX_SOCKET_FAMILY: AF_INET | AF_INET6 | unset (0)
   int nsocks = 2;                           // TCPX_NSOCKS: data sockets per connection
   int nthreads = 1;                         // TCPX_NTHREADS: socket progress threads per process (default: autoThreads)
-  int nchannels = 1;                        // TCPX_NCHANNELS: channels per peer
+  int nchannels = 0;                        // TCPX_NCHANNELS: channels per peer connection over the NICs (0: one per NIC, at most 4)
   size_t chunkBytes = 512 * 1024;           // TCPX_CHUNK_BYTES: pipeline chunk = bounce buffer size
   // The CUDA tensors' communicator: every chunk costs the op kernel a
   // command round trip over PCIe (~25 us), which 512 KiB chunks cannot

@@ -79,7 +79,8 @@ struct NetConnectInfo {
   uint32_t srcRank = 0;    // the connecting rank
   uint32_t dstRank = 0;    // the rank it means to reach
   uint32_t connIndex = 0;  // which of the pair's connections (collective, p2p, channel...)
-  uint32_t nsocks = 0;     // data sockets of the connection, 1-64; 0: the net's default
+  uint32_t nsocks = 0;     // data sockets (at least one per channel), 1-64; 0: the net's default
+  uint32_t nchannels = 0;  // channels over the net's devices, 1-32; 0: the net's default
 };
 
 class Net {

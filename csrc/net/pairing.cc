@@ -103,4 +103,18 @@ tcpxResult_t applyGpuNicMap(const std::map<int, std::string>& overrides,
   return tcpxSuccess;
 }
 
+tcpxResult_t pairGpusWithMap(const std::string& sysfsRoot, const std::vector<std::string>& busIds,
+                             const std::vector<NetInterface>& nics, const std::string& mapSpec,
+                             std::vector<int>* pairing, std::vector<std::string>* paths) {
+  std::vector<std::string> p;
+  for (const std::string& id : busIds) p.push_back(pciPathOfBusId(sysfsRoot, id));
+  std::vector<int> out = pairGpusWithNics(p, nics);
+  std::map<int, std::string> overrides;
+  TCPX_CHECK(parseGpuNicMap(mapSpec, &overrides));
+  TCPX_CHECK(applyGpuNicMap(overrides, nics, &out));
+  *pairing = std::move(out);
+  if (paths) *paths = std::move(p);
+  return tcpxSuccess;
+}
+
 }  // namespace tcpx

@@ -49,6 +49,14 @@ tcpxResult_t parseGpuNicMap(const std::string& spec, std::map<int, std::string>*
 tcpxResult_t applyGpuNicMap(const std::map<int, std::string>& overrides,
                             const std::vector<NetInterface>& nics, std::vector<int>* pairing);
 
+// The whole pairing of a process: GPUs given by PCI bus id in CUDA order
+// (pciPathOfBusId under `sysfsRoot`), pairGpusWithNics, then the
+// TCPX_GPU_NIC_MAP `mapSpec` applied. `paths` (optional) receives the
+// GPUs' sysfs paths. Errors: those of parseGpuNicMap and applyGpuNicMap.
+tcpxResult_t pairGpusWithMap(const std::string& sysfsRoot, const std::vector<std::string>& busIds,
+                             const std::vector<NetInterface>& nics, const std::string& mapSpec,
+                             std::vector<int>* pairing, std::vector<std::string>* paths = nullptr);
+
 // The NIC of a process with CPU tensors: spread by local rank.
 inline int nicForLocalRank(int localRank, int nnics) {
   return nnics > 0 && localRank >= 0 ? localRank % nnics : -1;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -17,6 +18,8 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -31,7 +34,7 @@ namespace tcpx {
 namespace {
 
 constexpr uint64_t kWireMagic = 0x314b434f53585043ULL;  // "CPXSOCK1" read little-endian
-constexpr uint32_t kWireVersion = 1;
+constexpr uint32_t kWireVersion = 2;  // 2: handles list several NICs
 constexpr uint64_t kConnectStageMarker = 0x6e6e6f4358504354ULL;
 
 // ---------------------------------------------------------------------------
@@ -44,14 +47,32 @@ union WireAddr {
   sockaddr_in6 in6;
 };
 
-// Public part of a NetHandle, written by listen().
+// Public part of a NetHandle, written by listen(): where the listener can be
+// reached. With several devices it listens on the wildcard address, and the
+// handle lists the address of each of its first kHandleNics devices (same
+// port; `addr` is device 0, `more` the next ones' 16 address bytes), so that
+// a connection's channels can reach it on every NIC.
+constexpr int kHandleNics = 4;
+constexpr size_t kChannelSliceBytes = 64 * 1024;  // slice cap of multi-channel connections
 struct WireHandle {
   uint64_t magic;
   uint32_t version;
   uint32_t addrLen;
   WireAddr addr;
+  uint8_t naddrs;  // 1..kHandleNics
+  uint8_t reserved[3];
+  uint8_t more[kHandleNics - 1][16];
 };
 static_assert(sizeof(WireHandle) <= kNetHandlePublicBytes, "handle too large");
+
+// Address i of a handle (0 <= i < naddrs), with the handle's port.
+WireAddr handleAddr(const WireHandle& wh, int i) {
+  WireAddr a = wh.addr;
+  if (i == 0) return a;
+  if (a.sa.sa_family == AF_INET6) memcpy(&a.in6.sin6_addr, wh.more[i - 1], 16);
+  else memcpy(&a.in4.sin_addr, wh.more[i - 1], 4);
+  return a;
+}
 
 // Private part of a NetHandle on the connecting side: connect() progress.
 struct ConnectState;
@@ -195,6 +216,7 @@ class SockHandler : public PollHandler {
   bool paused = false;
   bool writing = false;  // send side: a thread is writing slices on this socket
   bool eof = false;
+  std::atomic<uint64_t> slices{0};  // send side: slices taken (socketStats)
 };
 
 class CommBase {
@@ -476,14 +498,36 @@ class SendComm : public CommBase {
   // After isend, on the caller's thread: writes queued slices on an idle data
   // socket now. A message the kernel takes whole never wakes a progress thread.
   void kick() {
-    SockHandler* h = nullptr;
+    std::vector<SockHandler*> idle;
     {
       std::lock_guard<std::mutex> lk(mu_);
       if (failed_ || !queueHasWorkLocked()) return;
-      for (size_t i = 1; i < socks_.size() && !h; i++)
-        if (!socks_[i]->sreq && !socks_[i]->writing && !socks_[i]->detached) h = socks_[i].get();
+      for (size_t i = 1; i < socks_.size(); i++)
+        if (!socks_[i]->sreq && !socks_[i]->writing && !socks_[i]->detached)
+          idle.push_back(socks_[i].get());
     }
-    if (h) writeSlices(h);
+    // One socket takes what the kernel accepts; with channels, a socket with
+    // a backlog of lowat_ unsent bytes takes no more, so the next one gets
+    // the rest.
+    for (SockHandler* h : idle) {
+      writeSlices(h);
+      if (!lowat_) return;
+      std::lock_guard<std::mutex> lk(mu_);
+      if (failed_ || !queueHasWorkLocked()) return;
+    }
+  }
+
+  // Channels over several NICs: a data socket takes a new slice only while
+  // fewer than lowat_ bytes wait unsent in its kernel queue (SIOCOUTQNSD),
+  // and TCP_NOTSENT_LOWAT makes EPOLLOUT wait for that too. A slow NIC's
+  // sockets then hold a bounded backlog, and the other NICs take the rest
+  // of a message instead of waiting behind it. 0: no limit (one NIC).
+  size_t lowat_ = 0;
+  size_t sliceBytes_ = net_->options().sliceBytes;  // this connection's slice size (smaller with channels)
+  bool backlogged(const SockHandler* h) const {
+    if (!lowat_) return false;
+    int unsent = 0;
+    return ioctl(h->fd_, SIOCOUTQNSD, &unsent) == 0 && static_cast<size_t>(unsent) >= lowat_;
   }
 
   bool queueHasWorkLocked() {
@@ -522,10 +566,11 @@ class SendComm : public CommBase {
   }
 
   void writeSlicesOwned(SockHandler* h) {
-    const size_t sliceBytes = net_->options().sliceBytes;
+    const size_t sliceBytes = sliceBytes_;
     size_t budget = 4 * sliceBytes;
     while (budget > 0) {
       if (!h->sreq) {
+        if (backlogged(h)) return;  // writeSlices arms EPOLLOUT
         std::lock_guard<std::mutex> lk(mu_);
         if (failed_ || !queueHasWorkLocked()) return;
         SocketRequest* r = queue_.front();
@@ -533,6 +578,7 @@ class SendComm : public CommBase {
         h->sreq = r;
         h->sliceHdr = WireSlice{r->seq, r->assigned, len};
         h->sliceSent = 0;
+        h->slices.fetch_add(1, std::memory_order_relaxed);
         r->assigned += len;
         r->slicesInFlight++;
         if (r->assigned >= r->size) queue_.pop_front();
@@ -1213,9 +1259,12 @@ struct ConnectState {
     int fd = -1;
     int stage = 0;  // 0 connecting, 1 sending hello, 2 hello sent
     size_t helloSent = 0;
+    WireAddr remote{};  // the listener's address on this socket's channel
+    WireAddr local{};   // bound before connecting when the net has several NICs
+    bool bindLocal = false;
   };
-  WireAddr addr{};
   socklen_t addrLen = 0;
+  int channels = 1;
   std::vector<Sock> socks;  // [0] control
   WireHello hello{};
   WireAck ack{};
@@ -1233,12 +1282,21 @@ struct ConnectState {
 };
 
 tcpxResult_t startSocket(ConnectState* st, ConnectState::Sock* s) {
-  s->fd = socket(st->addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  s->fd = socket(s->remote.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   TCPX_SYSCHECK(s->fd, "socket");
   setNoDelay(s->fd);
   s->stage = 0;
   s->helloSent = 0;
-  int r = ::connect(s->fd, &st->addr.sa, st->addrLen);
+  // The source address picks the NIC where routing is per interface (as on
+  // GCP's multi-NIC VMs, one subnet per NIC).
+  if (s->bindLocal && bind(s->fd, &s->local.sa, st->addrLen) != 0) {
+    int e = errno;
+    close(s->fd);
+    s->fd = -1;
+    TCPX_ERR(tcpxSystemError, "binding a socket to %s for %s failed: %s",
+             sockaddrToString(&s->local.sa, st->addrLen).c_str(), st->target.c_str(), strerror(e));
+  }
+  int r = ::connect(s->fd, &s->remote.sa, st->addrLen);
   if (r == 0) s->stage = 1;
   else if (errno != EINPROGRESS) {
     int e = errno;
@@ -1395,6 +1453,29 @@ tcpxResult_t SocketNet::getProperties(int dev, NetProperties* props) {
   return tcpxSuccess;
 }
 
+std::vector<SocketStats> SocketNet::socketStats(void* comm, bool send) {
+  CommBase* c = send ? static_cast<CommBase*>(static_cast<SendComm*>(comm))
+                     : static_cast<CommBase*>(static_cast<RecvComm*>(comm));
+  std::vector<SocketStats> out;
+  for (auto& h : c->socks_) {
+    SocketStats st;
+    WireAddr a{};
+    socklen_t len = sizeof(a);
+    if (getsockname(h->fd_, &a.sa, &len) == 0) st.local = sockaddrToString(&a.sa, len);
+    len = sizeof(a);
+    if (getpeername(h->fd_, &a.sa, &len) == 0) st.peer = sockaddrToString(&a.sa, len);
+    st.index = h->index_;
+    st.slices = h->slices.load(std::memory_order_relaxed);
+    out.push_back(st);
+  }
+  return out;
+}
+
+int SocketNet::channels() const {
+  if (opts_.nchannels > 0) return opts_.nchannels;
+  return std::max(1, std::min<int>(kHandleNics, static_cast<int>(opts_.devices.size())));
+}
+
 tcpxResult_t SocketNet::listen(int dev, const NetListenInfo& info, NetHandle* handle,
                                void** listenComm) {
   if (dev < 0 || dev >= static_cast<int>(opts_.devices.size()))
@@ -1406,6 +1487,14 @@ tcpxResult_t SocketNet::listen(int dev, const NetListenInfo& info, NetHandle* ha
   socklen_t addrLen = d.addr.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
   if (d.addr.ss_family == AF_INET6) addr.in6.sin6_port = 0;
   else addr.in4.sin_port = 0;
+  // Several devices: one listening socket for all of them (the wildcard
+  // address of the family), so that every channel of a connection can
+  // arrive on its own NIC and still be grouped with the others by connId.
+  const int naddrs = std::min<int>(kHandleNics, static_cast<int>(opts_.devices.size()));
+  if (naddrs > 1) {
+    if (addr.sa.sa_family == AF_INET6) addr.in6.sin6_addr = in6addr_any;
+    else addr.in4.sin_addr.s_addr = htonl(INADDR_ANY);
+  }
   int fd = socket(addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   TCPX_SYSCHECK(fd, "socket");
   int one = 1;
@@ -1434,8 +1523,24 @@ tcpxResult_t SocketNet::listen(int dev, const NetListenInfo& info, NetHandle* ha
   wh.version = kWireVersion;
   wh.addrLen = len;
   wh.addr = addr;
+  wh.naddrs = static_cast<uint8_t>(naddrs);
+  if (naddrs > 1) {
+    // Device i's address with the listening port, in device order.
+    const uint16_t port = addr.sa.sa_family == AF_INET6 ? addr.in6.sin6_port : addr.in4.sin_port;
+    memcpy(&wh.addr, &opts_.devices[0].addr, std::min<size_t>(opts_.devices[0].addrLen, sizeof(WireAddr)));
+    if (addr.sa.sa_family == AF_INET6) wh.addr.in6.sin6_port = port;
+    else wh.addr.in4.sin_port = port;
+    for (int i = 1; i < naddrs; i++) {
+      const sockaddr_storage& a = opts_.devices[i].addr;
+      if (a.ss_family == AF_INET6)
+        memcpy(wh.more[i - 1], &reinterpret_cast<const sockaddr_in6&>(a).sin6_addr, 16);
+      else
+        memcpy(wh.more[i - 1], &reinterpret_cast<const sockaddr_in&>(a).sin_addr, 4);
+    }
+  }
   memcpy(handle->bytes, &wh, sizeof(wh));
-  TCPX_INFO(kLogNet, "rank %u listening on %s (%s)", info.rank, where.c_str(), d.name.c_str());
+  TCPX_INFO(kLogNet, "rank %u listening on %s (%s%s)", info.rank, where.c_str(), d.name.c_str(),
+            naddrs > 1 ? strFormat(" and %d more devices", naddrs - 1).c_str() : "");
   *listenComm = lc;
   return tcpxSuccess;
 }
@@ -1450,20 +1555,44 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
     WireHandle wh;
     memcpy(&wh, handle->bytes, sizeof(wh));
     if (wh.magic != kWireMagic || wh.version != kWireVersion || wh.addrLen == 0 ||
-        wh.addrLen > sizeof(WireAddr)) {
+        wh.addrLen > sizeof(WireAddr) || wh.naddrs < 1 || wh.naddrs > kHandleNics) {
       TCPX_ERR(tcpxInvalidArgument,
                "connection handle for rank %u is not a socket-net handle of this version",
                info.dstRank);
     }
-    // The connection's data sockets travel in the hello: the acceptor
-    // takes whatever count the connector chose.
-    const int nsocks = info.nsocks ? static_cast<int>(info.nsocks) : opts_.nsocks;
-    if (nsocks > 64) TCPX_ERR(tcpxInvalidArgument, "nsocks=%d is invalid: expected [1, 64]", nsocks);
+    if (dev < 0 || dev >= static_cast<int>(opts_.devices.size()))
+      TCPX_ERR(tcpxInvalidArgument, "device %d does not exist (socket net has %zu)", dev,
+               opts_.devices.size());
+    // Channels: channel c on local device (dev + c) mod ndev and the
+    // listener's device of the same index, so that ethK talks to the peer's
+    // ethK. The connection's data sockets (at least one per channel) are
+    // dealt over the channels: data socket i is on channel i mod nch. Slices
+    // go to whichever data socket has room, so a slower NIC simply carries
+    // fewer of them. The control socket rides channel 0. The data sockets
+    // travel in the hello: the acceptor takes whatever count the connector
+    // chose.
+    const int ndev = static_cast<int>(opts_.devices.size());
+    const int nch = info.nchannels ? static_cast<int>(info.nchannels) : channels();
+    const int want = info.nsocks ? static_cast<int>(info.nsocks) : opts_.nsocks;
+    if (want < 1 || want > 64) TCPX_ERR(tcpxInvalidArgument, "nsocks=%d is invalid: expected [1, 64]", want);
+    if (nch < 1 || nch > 32) TCPX_ERR(tcpxInvalidArgument, "nchannels=%d is invalid: expected [1, 32]", nch);
+    const int nsocks = std::max(want, nch);
     st = new ConnectState();
-    st->addr = wh.addr;
     st->addrLen = wh.addrLen;
+    st->channels = nch;
     st->target = strFormat("rank %u (%s)", info.dstRank, sockaddrToString(&wh.addr.sa, wh.addrLen).c_str());
     st->socks.resize(1 + static_cast<size_t>(nsocks));
+    for (size_t i = 0; i < st->socks.size(); i++) {
+      const int c = i == 0 ? 0 : static_cast<int>(i - 1) % nch;
+      const int local = (dev + c) % ndev;
+      ConnectState::Sock& sk = st->socks[i];
+      sk.remote = handleAddr(wh, local % wh.naddrs);
+      sk.bindLocal = ndev > 1;
+      memcpy(&sk.local, &opts_.devices[local].addr,
+             std::min<size_t>(opts_.devices[local].addrLen, sizeof(WireAddr)));
+      if (sk.local.sa.sa_family == AF_INET6) sk.local.in6.sin6_port = 0;
+      else sk.local.in4.sin_port = 0;
+    }
     st->hello.magic = kWireMagic;
     st->hello.version = kWireVersion;
     st->hello.nsocks = static_cast<uint8_t>(nsocks);
@@ -1488,6 +1617,24 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
   }
   auto* sc = new SendComm(this, events);
   sc->peer_ = st->target;
+  if (st->channels > 1) {
+    // Channels over NICs of different speeds: small slices and a small send
+    // buffer per data socket bound how long a slice waits on a slow NIC
+    // (its backlog in time is 4 slices / its rate), so the messages behind
+    // it are not held up. Measured on 4 x 200 Mbit/s links with one at a
+    // quarter (tests/python/test_multinic_netns.py, 2-core VM): 512 KiB
+    // slices and the kernel's send buffer 31-43 MB/s of the 81 the links
+    // carry; 64 KiB slices and a 256 KiB send buffer 66-72 MB/s (2 to 8
+    // slices of send buffer, 32-128 KiB slices: the same within the noise).
+    sc->sliceBytes_ = std::min<size_t>(opts_.sliceBytes, kChannelSliceBytes);
+    sc->lowat_ = sc->sliceBytes_;
+    const int lowat = static_cast<int>(sc->lowat_);
+    const int sndbuf = static_cast<int>(4 * sc->sliceBytes_);
+    for (size_t i = 1; i < st->socks.size(); i++) {
+      setsockopt(st->socks[i].fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
+      setsockopt(st->socks[i].fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    }
+  }
   for (size_t i = 0; i < st->socks.size(); i++) {
     sc->socks_.push_back(std::make_unique<SockHandler>(sc, st->socks[i].fd,
                                                        engine_->pickThread(),
@@ -1501,8 +1648,9 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
     delete sc;
     return r;
   }
-  TCPX_INFO(kLogNet, "connected to %s (connection %u, %d data sockets)", sc->peer_.c_str(),
-            info.connIndex, static_cast<int>(sc->socks_.size()) - 1);
+  TCPX_INFO(kLogNet, "connected to %s (connection %u, %d data sockets, %d channels from device %d)",
+            sc->peer_.c_str(), info.connIndex, static_cast<int>(sc->socks_.size()) - 1,
+            info.nchannels ? static_cast<int>(info.nchannels) : channels(), dev);
   *sendComm = sc;
   return tcpxSuccess;
 }
@@ -1649,6 +1797,7 @@ tcpxResult_t getSocketNet(Net** out) {
     o.nthreads = p->nthreads;
     o.sliceBytes = p->sliceBytes;
     o.inlineBytes = p->inlineBytes;
+    o.nchannels = p->nchannels;
     std::unique_ptr<SocketNet> created;
     status = SocketNet::create(o, &created);
     if (status != tcpxSuccess) {
@@ -1658,8 +1807,9 @@ tcpxResult_t getSocketNet(Net** out) {
     net = created.release();
     std::string devs;
     for (auto& d : o.devices) devs += strFormat(" %s(%s)", d.name.c_str(), d.addrString.c_str());
-    TCPX_INFO(kLogInit | kLogNet, "socket net: devices%s; %d data sockets per connection, %d threads",
-              devs.c_str(), o.nsocks, o.nthreads);
+    TCPX_INFO(kLogInit | kLogNet,
+              "socket net: devices%s; %d channels of %d data sockets per connection, %d threads",
+              devs.c_str(), net->channels(), o.nsocks, o.nthreads);
   });
   if (status != tcpxSuccess) {
     setLastError(error);

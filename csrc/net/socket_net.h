@@ -7,6 +7,11 @@
 //  - larger payloads are cut into slices of `sliceBytes`, each sent with a
 //    24-byte header (sequence number, offset, length) on whichever data socket
 //    is free first, so a slow flow simply takes fewer slices;
+//  - with several devices (NICs), a connection has channels: channel c on
+//    the connector's device (dev + c) mod ndev and the listener's device of
+//    the same index, the data sockets (at least one per channel) dealt over
+//    them; slices going to whichever socket has room balances the NICs by
+//    their speed;
 //  - the receiver reads a slice straight into the posted buffer at its offset;
 //    a slice of a message whose receive is not posted yet pauses its socket
 //    (TCP backpressure) until the receive arrives.
@@ -19,6 +24,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "net/interfaces.h"
@@ -29,11 +35,20 @@ namespace tcpx {
 
 struct SocketNetOptions {
   std::vector<NetInterface> devices;
-  int nsocks = 2;                  // data sockets per connection, [1, 64]
+  int nsocks = 2;                  // data sockets per connection (at least one per channel), [1, 64]
   int nthreads = 2;                // progress threads
   size_t sliceBytes = 128 * 1024;  // unit of striping over data sockets
   size_t inlineBytes = 16 * 1024;  // messages up to this size ride the control socket
+  int nchannels = 0;               // channels per connection (0: one per device, at most 4)
   int handshakeTimeoutMs = 30000;  // an incoming socket must finish its handshake in this time
+};
+
+// One socket of a comm, for diagnostics and tests (SocketNet::socketStats).
+struct SocketStats {
+  int index = -1;       // -1: control socket, else data socket index
+  std::string local;    // "addr:port" of this end
+  std::string peer;     // "addr:port" of the other end
+  uint64_t slices = 0;  // send side: slices this socket has taken
 };
 
 class SocketNet : public Net {
@@ -67,6 +82,12 @@ class SocketNet : public Net {
   tcpxResult_t irecvConsumed(void* recvComm, int n, void* request) override;
 
   const SocketNetOptions& options() const { return opts_; }
+  // Channels a connection gets when NetConnectInfo::nchannels is 0: the
+  // option, or one per device up to the 4 NICs a handle can list.
+  int channels() const;
+  // The sockets of a send (send = true) or receive comm: addresses and, on
+  // the send side, how many slices each has taken.
+  std::vector<SocketStats> socketStats(void* comm, bool send);
   ProgressEngine* engine() { return engine_.get(); }
 
  private:

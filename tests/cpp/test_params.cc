@@ -73,7 +73,7 @@ TEST(Params, Defaults) {
   // Unset: half the online cores (no LOCAL_WORLD_SIZE: one local rank), within [1, 8].
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
   EXPECT_EQ(p.nthreads, static_cast<int>(std::max(1L, std::min(8L, cpus / 2))));
-  EXPECT_EQ(p.nchannels, 1);
+  EXPECT_EQ(p.nchannels, 0);  // auto: one channel per NIC (the socket net decides)
   EXPECT_EQ(p.chunkBytes, 512u * 1024);
   EXPECT_EQ(p.buffers, 8);
   EXPECT_EQ(p.sliceBytes, 512u * 1024);

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -254,11 +255,11 @@ tcpxResult_t postRecv(Net* net, void* comm, void* data, size_t capacity, void** 
 // bound passes (then it gives the attempt up and returns tcpxTimeout).
 tcpxResult_t connectLoop(Net* net, NetHandle* handle, const NetConnectInfo& info,
                          EventCounter* ev, void** sendComm, int64_t timeoutMs = 15000,
-                         SteadyClock::duration bound = kWait) {
+                         SteadyClock::duration bound = kWait, int dev = 0) {
   auto deadline = SteadyClock::now() + bound;
   *sendComm = nullptr;
   while (true) {
-    tcpxResult_t r = net->connect(0, handle, info, ev, timeoutMs, sendComm);
+    tcpxResult_t r = net->connect(dev, handle, info, ev, timeoutMs, sendComm);
     if (r != tcpxSuccess || *sendComm) return r;
     if (SteadyClock::now() > deadline) {
       net->connectAbandon(handle);
@@ -322,6 +323,7 @@ struct Link {
   NetHandle handle{};
   NetConnectInfo sent{};   // what the connector sent
   NetConnectInfo peer{};   // what accept() returned
+  int dev = 0;             // the connector's first device
   EventCounter sendEv, recvEv, listenEv;
 
   ~Link() {
@@ -347,7 +349,7 @@ struct Link {
   tcpxResult_t crc = tcpxSuccess, arc = tcpxSuccess;
   std::string cerr;
   std::thread connector([&] {
-    crc = connectLoop(l->sendNet, &l->handle, l->sent, &l->sendEv, &l->send);
+    crc = connectLoop(l->sendNet, &l->handle, l->sent, &l->sendEv, &l->send, 15000, kWait, l->dev);
     if (crc != tcpxSuccess) cerr = lastError();
   });
   arc = acceptLoop(net, l->listen, &l->recvEv, &l->recv, &l->peer);
@@ -389,6 +391,22 @@ struct Link {
                                        Outcome* ro) {
   return transferOne(l.sendNet, l.send, &l.sendEv, l.net, l.recv, &l.recvEv, src, dst, tag, so,
                      ro);
+}
+
+// Messages of each size in turn over `l` (a pattern seeded by seedBase +
+// size, tag `tag`): both requests succeed and the data arrive intact.
+::testing::AssertionResult transferSizes(Link& l, std::initializer_list<size_t> sizes,
+                                         uint64_t seedBase, uint64_t tag) {
+  for (size_t size : sizes) {
+    std::vector<uint8_t> src = pattern(size, seedBase + size), dst(size, 0xEE);
+    Outcome so, ro;
+    ::testing::AssertionResult r = transferOne(l, src, &dst, tag, &so, &ro);
+    if (r) r = succeeded(so);
+    if (r) r = succeeded(ro);
+    if (r) r = delivered(ro, dst, src, tag);
+    if (!r) return r << " (size " << size << ")";
+  }
+  return ::testing::AssertionSuccess();
 }
 
 // Listening sockets of this process (found through /proc/self/fd): lets a
@@ -861,14 +879,7 @@ TEST(SocketNet, PerConnectionSocketCount) {
   ASSERT_NE(snet, nullptr);
   Link l;
   ASSERT_TRUE(openLink(rnet.get(), &l, 1, 0, 0, snet.get(), /*nsocks=*/6));
-  for (size_t size : {size_t{0}, size_t{1000}, size_t{6 * 64 * 1024 + 7}, size_t{5} << 20}) {
-    std::vector<uint8_t> src = pattern(size, 9100 + size), dst(size, 0xEE);
-    Outcome so, ro;
-    ASSERT_TRUE(transferOne(l, src, &dst, 90, &so, &ro));
-    ASSERT_TRUE(succeeded(so));
-    ASSERT_TRUE(succeeded(ro));
-    EXPECT_TRUE(delivered(ro, dst, src, 90)) << "size " << size;
-  }
+  EXPECT_TRUE(transferSizes(l, {0, 1000, 6 * 64 * 1024 + 7, size_t{5} << 20}, 9100, 90));
   NetConnectInfo info = connectInfo(7, 1, 0, 1);
   info.nsocks = 65;
   NetHandle handle = l.handle;
@@ -877,6 +888,119 @@ TEST(SocketNet, PerConnectionSocketCount) {
   EXPECT_EQ(connectLoop(snet.get(), &handle, info, &ev, &comm), tcpxInvalidArgument);
   EXPECT_EQ(comm, nullptr);
   EXPECT_NE(lastError().find("nsocks=65"), std::string::npos) << lastError();
+}
+
+// A net over `ndev` devices of loopback standing in for NICs: 127.0.0.1 as
+// "lo", 127.0.0.2 as "lo-b", ... (all of 127/8 is local).
+std::unique_ptr<SocketNet> makeMultiDeviceNet(int ndev, int nsocks, int nchannels) {
+  SocketNetOptions o;
+  std::vector<NetInterface> lo;
+  if (findNetDevices("lo", "/sys", &lo) != tcpxSuccess || lo.empty()) {
+    ADD_FAILURE() << "no loopback device: " << lastError();
+    return nullptr;
+  }
+  for (int d = 0; d < ndev; d++) {
+    NetInterface n = lo[0];
+    if (d > 0) {
+      n.name = "lo-" + std::string(1, static_cast<char>('a' + d));
+      n.addrString = "127.0.0." + std::to_string(d + 1);
+      inet_pton(AF_INET, n.addrString.c_str(), &reinterpret_cast<sockaddr_in&>(n.addr).sin_addr);
+    }
+    o.devices.push_back(n);
+  }
+  o.nsocks = nsocks;
+  o.nchannels = nchannels;
+  o.sliceBytes = 64 * 1024;
+  std::unique_ptr<SocketNet> net;
+  if (SocketNet::create(o, &net) != tcpxSuccess) {
+    ADD_FAILURE() << "SocketNet::create: " << lastError();
+    return nullptr;
+  }
+  return net;
+}
+
+std::string hostOf(const std::string& addrPort) { return addrPort.substr(0, addrPort.rfind(':')); }
+
+// Channels over two devices: the connector starts on its device 1, so its
+// control socket and channel 0 go 127.0.0.2 -> 127.0.0.2 and channel 1
+// 127.0.0.1 -> 127.0.0.1 (each NIC talks to the peer's NIC of the same
+// index); data socket i is on channel i mod 2; messages of many slices
+// arrive intact, and every slice went out on some socket. (Which channel
+// takes how many depends on their speed; loopback has no speed to tell, so
+// the balance is shown by tests/python/test_multinic_netns.py on
+// rate-limited links.)
+TEST(SocketNet, ChannelsSpreadOverDevices) {
+  auto rnet = makeMultiDeviceNet(2, 4, 0);
+  auto snet = makeMultiDeviceNet(2, 4, 0);
+  ASSERT_NE(rnet, nullptr);
+  ASSERT_NE(snet, nullptr);
+  EXPECT_EQ(snet->channels(), 2);  // TCPX_NCHANNELS unset: one channel per device
+  Link l;
+  l.dev = 1;
+  ASSERT_TRUE(openLink(rnet.get(), &l, 1, 0, 0, snet.get()));
+  ASSERT_TRUE(transferSizes(l, {0, 1000, (size_t{3} << 20) + 5}, 9300, 91));
+  const std::vector<SocketStats> socks = snet->socketStats(l.send, true);
+  ASSERT_EQ(socks.size(), 5u);  // control + 4 data sockets dealt over 2 channels
+  EXPECT_EQ(socks[0].index, -1);
+  EXPECT_EQ(hostOf(socks[0].local), "127.0.0.2");
+  EXPECT_EQ(hostOf(socks[0].peer), "127.0.0.2");
+  uint64_t perChannel[2] = {0, 0};
+  for (size_t i = 1; i < socks.size(); i++) {
+    const int channel = socks[i].index % 2;
+    const std::string want = channel == 0 ? "127.0.0.2" : "127.0.0.1";
+    EXPECT_EQ(hostOf(socks[i].local), want) << "data socket " << socks[i].index;
+    EXPECT_EQ(hostOf(socks[i].peer), want) << "data socket " << socks[i].index;
+    perChannel[channel] += socks[i].slices;
+  }
+  EXPECT_EQ(perChannel[0] + perChannel[1], ((size_t{3} << 20) + 5 + 64 * 1024 - 1) / (64 * 1024));
+  // The receiver sees the same pairs of addresses, from its side.
+  std::multiset<std::string> sent, received;
+  for (const SocketStats& st : socks) sent.insert(st.local + ">" + st.peer);
+  for (const SocketStats& st : rnet->socketStats(l.recv, false)) received.insert(st.peer + ">" + st.local);
+  EXPECT_EQ(sent, received);
+}
+
+// A listener with one device and a connector with three: every channel
+// goes to the listener's one address; an explicit channel count beats the
+// default; every channel gets a data socket even when TCPX_NSOCKS is lower.
+TEST(SocketNet, ChannelsToASingleDeviceListener) {
+  auto rnet = makeMultiDeviceNet(1, 6, 0);
+  auto snet = makeMultiDeviceNet(3, 6, 0);
+  ASSERT_NE(rnet, nullptr);
+  ASSERT_NE(snet, nullptr);
+  EXPECT_EQ(rnet->channels(), 1);
+  EXPECT_EQ(snet->channels(), 3);
+  Link l;
+  ASSERT_TRUE(openLink(rnet.get(), &l, 1, 0, 0, snet.get()));
+  ASSERT_TRUE(transferSizes(l, {1 << 20}, 9400, 92));
+  const std::vector<SocketStats> socks = snet->socketStats(l.send, true);
+  ASSERT_EQ(socks.size(), 7u);
+  for (const SocketStats& st : socks) EXPECT_EQ(hostOf(st.peer), "127.0.0.1") << st.index;
+  for (size_t i = 1; i < socks.size(); i++)
+    EXPECT_EQ(hostOf(socks[i].local), "127.0.0." + std::to_string(1 + socks[i].index % 3)) << i;
+
+  NetConnectInfo info = connectInfo(7, 1, 0, 1);
+  info.nchannels = 1;
+  NetHandle handle = l.handle;
+  void* comm = nullptr;
+  void* recv = nullptr;
+  NetConnectInfo peer;
+  ASSERT_TRUE(connectAccept(snet.get(), handle, info, l.listen, &comm, &recv, &peer));
+  std::vector<SocketStats> one = snet->socketStats(comm, true);
+  EXPECT_EQ(one.size(), 7u);  // control + 6 data sockets, all on channel 0
+  for (const SocketStats& st : one) EXPECT_EQ(hostOf(st.local), "127.0.0.1") << st.index;
+  snet->closeSend(comm);
+  rnet->closeRecv(recv);
+
+  info.nchannels = 5;
+  info.nsocks = 2;
+  ASSERT_TRUE(connectAccept(snet.get(), handle, info, l.listen, &comm, &recv, &peer));
+  std::vector<SocketStats> five = snet->socketStats(comm, true);
+  ASSERT_EQ(five.size(), 6u);  // control + one data socket per channel
+  for (size_t i = 1; i < five.size(); i++)
+    EXPECT_EQ(hostOf(five[i].local), "127.0.0." + std::to_string(1 + five[i].index % 5 % 3)) << i;
+  snet->closeSend(comm);
+  rnet->closeRecv(recv);
 }
 
 // Receives of capacity 0 with no buffer at all, and sends of 0 bytes from a

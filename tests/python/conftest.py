@@ -103,6 +103,8 @@ DEFAULT_TEST_TIMEOUT_S = 300
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "big: a 64 MiB size-class case")
+    config.addinivalue_line("markers", "netns: needs root and network namespaces "
+                                       "(test_multinic_netns.py; skips itself otherwise)")
 
 
 def pytest_collection_modifyitems(config, items):
