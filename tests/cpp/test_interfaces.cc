@@ -188,7 +188,7 @@ TEST_F(FakeSysfs, GpuNicPairingA3High) {
   // Listed in an order unlike the GPUs', so that "the first NIC" cannot pass.
   std::swap(nics[0], nics[3]);
   std::swap(nics[1], nics[2]);
-  std::vector<std::string> gpus;
+  std::vector<std::string> gpus, busIds;
   for (int g = 0; g < 8; ++g) {
     const std::string dev = std::string("devices/") + ports[g / 2] + "/" + gpuFn[g];
     fs::create_directories(fs::path(root_) / dev);
@@ -197,6 +197,7 @@ TEST_F(FakeSysfs, GpuNicPairingA3High) {
     std::string busId = gpuFn[g];
     for (char& c : busId) c = static_cast<char>(toupper(static_cast<unsigned char>(c)));
     gpus.push_back(pciPathOfBusId(root_, busId));
+    busIds.push_back(busId);
     EXPECT_EQ(gpus.back(), realRoot_ + "/" + dev) << busId;
   }
   const std::vector<int> pairing = pairGpusWithNics(gpus, nics);
@@ -217,6 +218,18 @@ TEST_F(FakeSysfs, GpuNicPairingA3High) {
   EXPECT_EQ(applyGpuNicMap({{0, "eth9"}}, nics, &moved), tcpxInvalidArgument);
   EXPECT_NE(lastError().find("eth9"), std::string::npos) << lastError();
   EXPECT_NE(lastError().find("eth1"), std::string::npos) << "lists the devices: " << lastError();
+
+  // The whole chain as the process group runs it (bus ids in CUDA order ->
+  // sysfs paths -> pairing -> TCPX_GPU_NIC_MAP): the same answers.
+  std::vector<int> chain;
+  std::vector<std::string> paths;
+  ASSERT_EQ(pairGpusWithMap(root_, busIds, nics, "1:eth3", &chain, &paths), tcpxSuccess)
+      << lastError();
+  EXPECT_EQ(paths, gpus);
+  for (int g = 0; g < 8; ++g)
+    EXPECT_EQ(nics[chain[g]].name, g == 1 ? "eth3" : "eth" + std::to_string(g / 2 + 1)) << g;
+  EXPECT_EQ(pairGpusWithMap(root_, busIds, nics, "0=eth1", &chain), tcpxInvalidArgument);
+  EXPECT_NE(lastError().find("0=eth1"), std::string::npos) << lastError();
 
   EXPECT_EQ(pciPathOfBusId(root_, "0000:ff:00.0"), "");  // not in sysfs
 }
