@@ -728,11 +728,9 @@ namespace {
 // The net device (NIC) that CUDA device `gpu`'s channels start on: PCI
 // pairing over all of the process's GPUs, TCPX_GPU_NIC_MAP applied
 // (net/pairing.h); 0 when the pairing knows nothing.
-int cudaNic(int gpu) {
-  const Params* p = nullptr;
-  check(getParams(&p));
+int cudaNic(int gpu, const Params& p) {
   std::vector<NetInterface> devs;
-  check(selectNetDevices(p->socketIfname, p->socketFamily, "/sys", &devs));
+  check(selectNetDevices(p.socketIfname, p.socketFamily, "/sys", &devs));
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
     cudaGetLastError();
@@ -745,7 +743,7 @@ int cudaNic(int gpu) {
     busIds.emplace_back(id);
   }
   std::vector<int> pairing;
-  check(pairGpusWithMap("/sys", busIds, devs, p->gpuNicMap, &pairing));
+  check(pairGpusWithMap("/sys", busIds, devs, p.gpuNicMap, &pairing));
   const int nic = gpu >= 0 && gpu < static_cast<int>(pairing.size()) ? pairing[gpu] : -1;
   if (nic >= 0)
     TCPX_INFO(kLogInit | kLogNet, "GPU %d (%s): channels start on %s", gpu,
@@ -775,7 +773,7 @@ Communicator& ProcessGroupTCPX::commFor(const c10::Device& device, const char* o
   o.buffers = params_->cudaBuffers;
   o.nsocks = params_->cudaNsocks;
   o.store = std::make_shared<C10dStore>(c10::make_intrusive<c10d::PrefixStore>("cuda", store_));
-  o.dev = cudaNic(device.index());
+  o.dev = cudaNic(device.index(), *params_);
   check(createCudaStage(device.index(), params_->cudaBlocks, &o.stage));
   cudaError_t e = cudaHostAlloc(reinterpret_cast<void**>(&state->flags),
                                 CudaState::kFlags * sizeof(uint32_t),

@@ -498,22 +498,18 @@ class SendComm : public CommBase {
   // After isend, on the caller's thread: writes queued slices on an idle data
   // socket now. A message the kernel takes whole never wakes a progress thread.
   void kick() {
-    std::vector<SockHandler*> idle;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (failed_ || !queueHasWorkLocked()) return;
-      for (size_t i = 1; i < socks_.size(); i++)
-        if (!socks_[i]->sreq && !socks_[i]->writing && !socks_[i]->detached)
-          idle.push_back(socks_[i].get());
-    }
-    // One socket takes what the kernel accepts; with channels, a socket with
-    // a backlog of lowat_ unsent bytes takes no more, so the next one gets
-    // the rest.
-    for (SockHandler* h : idle) {
+    // One idle socket takes what the kernel accepts; with channels, a socket
+    // with a backlog of lowat_ unsent bytes takes no more, so the next idle
+    // one gets the rest.
+    for (size_t i = 1; i < socks_.size(); i++) {
+      SockHandler* h = socks_[i].get();
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (failed_ || !queueHasWorkLocked()) return;
+        if (h->sreq || h->writing || h->detached) continue;
+      }
       writeSlices(h);
       if (!lowat_) return;
-      std::lock_guard<std::mutex> lk(mu_);
-      if (failed_ || !queueHasWorkLocked()) return;
     }
   }
 
