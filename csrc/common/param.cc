@@ -188,6 +188,13 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
   }
   if (const char* v = get("TCPX_SLICE_BYTES"))
     TCPX_CHECK(parseBytes("TCPX_SLICE_BYTES", v, 4096, 256ull << 20, &p.sliceBytes));
+  if (const char* v = get("TCPX_SOCKET_BUFFER_BYTES")) {
+    TCPX_CHECK(parseBytes("TCPX_SOCKET_BUFFER_BYTES", v, 0, 1ull << 30, &p.socketBufferBytes));
+    if (p.socketBufferBytes != 0 && p.socketBufferBytes < 4096)
+      TCPX_ERR(tcpxInvalidArgument,
+               "TCPX_SOCKET_BUFFER_BYTES='%s' is invalid: expected 0 (the kernel's autotuning) "
+               "or 4K-1G", v);
+  }
   if (const char* v = get("TCPX_INLINE_BYTES"))
     TCPX_CHECK(parseBytes("TCPX_INLINE_BYTES", v, 0, 1ull << 20, &p.inlineBytes));
   if (const char* v = get("TCPX_ALGO")) TCPX_CHECK(parseAlgo(v, &p.algo));
@@ -208,9 +215,12 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
     TCPX_CHECK(parseBytes("TCPX_CUDA_HOST_BYTES", v, 0, 1ull << 20, &p.cudaHostBytes));
   if (const char* v = get("TCPX_CUDA_BLOCKS"))
     TCPX_CHECK(parseInt("TCPX_CUDA_BLOCKS", v, 1, 64, &p.cudaBlocks));
+
   *out = p;
   return tcpxSuccess;
 }
+
+size_t autoSocketBufferBytes(int ndevices) { return ndevices == 1 ? 256 * 1024 : 0; }
 
 int autoSpinUs(int cpus, int localWorldSize) {
   return cpus >= 4 * std::max(1, localWorldSize) ? 50 : 0;
@@ -242,10 +252,12 @@ std::string describeParams(const Params& p) {
   return strFormat(
       "TCPX_NET=%s TCPX_SOCKET_IFNAME=%s TCPX_NSOCKS=%d,cuda:%d TCPX_NTHREADS=%d "
       "TCPX_NCHANNELS=%s TCPX_CHUNK_BYTES=%zu,cuda:%zu TCPX_BUFFERS=%d,cuda:%d TCPX_SLICE_BYTES=%zu "
-      "TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
+      "TCPX_SOCKET_BUFFER_BYTES=%s TCPX_INLINE_BYTES=%zu TCPX_ALGO=%s TCPX_ALGO_THRESHOLD=%zu TCPX_SPIN_US=%d "
       "TCPX_CUDA_WAIT=%s TCPX_CUDA_BLOCKS=%d TCPX_CUDA_HOST_BYTES=%zu",
       p.net.c_str(), p.socketIfname.empty() ? "(auto)" : p.socketIfname.c_str(), p.nsocks,
-      p.cudaNsocks, p.nthreads, p.nchannels ? std::to_string(p.nchannels).c_str() : "auto", p.chunkBytes, p.cudaChunkBytes, p.buffers, p.cudaBuffers, p.sliceBytes, p.inlineBytes,
+      p.cudaNsocks, p.nthreads, p.nchannels ? std::to_string(p.nchannels).c_str() : "auto", p.chunkBytes, p.cudaChunkBytes, p.buffers, p.cudaBuffers, p.sliceBytes,
+      p.socketBufferBytes == kSocketBufferAuto ? "auto" : std::to_string(p.socketBufferBytes).c_str(),
+      p.inlineBytes,
       p.algo.empty() ? "(auto)" : p.algo.c_str(), p.algoThreshold, p.spinUs,
       p.cudaWait.c_str(), p.cudaBlocks, p.cudaHostBytes);
 }

@@ -15,6 +15,8 @@
 
 namespace tcpx {
 
+constexpr size_t kSocketBufferAuto = ~size_t{0};  // TCPX_SOCKET_BUFFER_BYTES unset
+
 struct Params {
   LogLevel debug = LogLevel::kWarn;         // TCPX_DEBUG
   uint32_t debugSubsys = kLogAll;           // TCPX_DEBUG_SUBSYS
@@ -40,6 +42,10 @@ struct Params {
   size_t cudaHostBytes = 512 * 1024;
   int buffers = 8;                          // TCPX_BUFFERS: bounce buffers per peer connection
   size_t sliceBytes = 512 * 1024;           // TCPX_SLICE_BYTES: unit a message is cut into across data sockets
+  // TCPX_SOCKET_BUFFER_BYTES: SO_SNDBUF and SO_RCVBUF of every socket (the
+  // kernel doubles the value and caps it at net.core.{w,r}mem_max); 0 leaves
+  // the kernel's autotuning. Unset: autoSocketBufferBytes.
+  size_t socketBufferBytes = kSocketBufferAuto;
   size_t inlineBytes = 16 * 1024;           // TCPX_INLINE_BYTES: messages up to this size ride the control socket
   std::string algo;                         // TCPX_ALGO: "" (auto), "ring", "allreduce:rd,broadcast:chain", ...
   size_t algoThreshold = 64 * 1024;         // TCPX_ALGO_THRESHOLD: at or below, latency-optimal algorithms
@@ -66,6 +72,16 @@ tcpxResult_t getParams(const Params** out);
 // local rank, between 1 and 8. Measured on a 2-core machine (docs/performance.md):
 // extra threads only add context switches when ranks outnumber cores.
 int autoThreads(int cpus, int localWorldSize);
+
+// Default TCPX_SOCKET_BUFFER_BYTES for a socket net over `ndevices` NICs.
+// One: 256 KiB. The kernel's autotuning lets a loopback socket grow to
+// tcp_rmem's maximum (6-32 MiB), so what is in flight leaves the last-level
+// cache; fixed buffers were 10-50% faster on 2 x H200 (docs/performance.md,
+// fourth measurement), and the kernel's doubling leaves a 512 KiB window,
+// 5 GB/s per socket at a 100 us round trip. Several: 0 (autotuning): on
+// the four rate-limited links of tests/python/test_multinic_netns.py, whose
+// queues lengthen the round trip, the fixed window lost 1-5% (5 pairs).
+size_t autoSocketBufferBytes(int ndevices);
 
 // Default TCPX_SPIN_US: 50 us where each local rank has at least 4 cores,
 // else 0. The worker busy-polls that long after its last progress instead

@@ -150,6 +150,17 @@ void setNoDelay(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+// Fixed socket buffers instead of the kernel's autotuning (which grows a
+// loopback receive buffer to tcp_rmem's maximum, 6-32 MiB): what a socket
+// holds in flight then stays in the last-level cache. Accepted sockets
+// inherit the listener's. Failure is not an error: the kernel keeps its own.
+void setBufferSizes(int fd, size_t bytes) {
+  if (bytes == 0) return;
+  int v = static_cast<int>(std::min<size_t>(bytes, INT_MAX / 2));
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof(v));
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, sizeof(v));
+}
+
 std::string peerString(int fd) {
   sockaddr_storage ss{};
   socklen_t len = sizeof(ss);
@@ -1261,6 +1272,7 @@ struct ConnectState {
   };
   socklen_t addrLen = 0;
   int channels = 1;
+  size_t socketBufferBytes = 0;  // SocketNetOptions::socketBufferBytes
   std::vector<Sock> socks;  // [0] control
   WireHello hello{};
   WireAck ack{};
@@ -1281,6 +1293,7 @@ tcpxResult_t startSocket(ConnectState* st, ConnectState::Sock* s) {
   s->fd = socket(s->remote.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   TCPX_SYSCHECK(s->fd, "socket");
   setNoDelay(s->fd);
+  setBufferSizes(s->fd, st->socketBufferBytes);
   s->stage = 0;
   s->helloSent = 0;
   // The source address picks the NIC where routing is per interface (as on
@@ -1462,6 +1475,10 @@ std::vector<SocketStats> SocketNet::socketStats(void* comm, bool send) {
     if (getpeername(h->fd_, &a.sa, &len) == 0) st.peer = sockaddrToString(&a.sa, len);
     st.index = h->index_;
     st.slices = h->slices.load(std::memory_order_relaxed);
+    len = sizeof(st.sndbuf);
+    getsockopt(h->fd_, SOL_SOCKET, SO_SNDBUF, &st.sndbuf, &len);
+    len = sizeof(st.rcvbuf);
+    getsockopt(h->fd_, SOL_SOCKET, SO_RCVBUF, &st.rcvbuf, &len);
     out.push_back(st);
   }
   return out;
@@ -1495,6 +1512,7 @@ tcpxResult_t SocketNet::listen(int dev, const NetListenInfo& info, NetHandle* ha
   TCPX_SYSCHECK(fd, "socket");
   int one = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  setBufferSizes(fd, opts_.socketBufferBytes);
   if (bind(fd, &addr.sa, addrLen) != 0 || ::listen(fd, 16384) != 0) {
     int e = errno;
     close(fd);
@@ -1576,6 +1594,7 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
     st = new ConnectState();
     st->addrLen = wh.addrLen;
     st->channels = nch;
+    st->socketBufferBytes = opts_.socketBufferBytes;
     st->target = strFormat("rank %u (%s)", info.dstRank, sockaddrToString(&wh.addr.sa, wh.addrLen).c_str());
     st->socks.resize(1 + static_cast<size_t>(nsocks));
     for (size_t i = 0; i < st->socks.size(); i++) {
@@ -1793,6 +1812,9 @@ tcpxResult_t getSocketNet(Net** out) {
     o.nthreads = p->nthreads;
     o.sliceBytes = p->sliceBytes;
     o.inlineBytes = p->inlineBytes;
+    o.socketBufferBytes = p->socketBufferBytes == kSocketBufferAuto
+                              ? autoSocketBufferBytes(static_cast<int>(o.devices.size()))
+                              : p->socketBufferBytes;
     o.nchannels = p->nchannels;
     std::unique_ptr<SocketNet> created;
     status = SocketNet::create(o, &created);
@@ -1804,8 +1826,10 @@ tcpxResult_t getSocketNet(Net** out) {
     std::string devs;
     for (auto& d : o.devices) devs += strFormat(" %s(%s)", d.name.c_str(), d.addrString.c_str());
     TCPX_INFO(kLogInit | kLogNet,
-              "socket net: devices%s; %d channels of %d data sockets per connection, %d threads",
-              devs.c_str(), net->channels(), o.nsocks, o.nthreads);
+              "socket net: devices%s; %d channels of %d data sockets per connection, %d threads, "
+              "socket buffers %s",
+              devs.c_str(), net->channels(), o.nsocks, o.nthreads,
+              o.socketBufferBytes ? strFormat("%zu B", o.socketBufferBytes).c_str() : "autotuned");
   });
   if (status != tcpxSuccess) {
     setLastError(error);

@@ -39,6 +39,7 @@ struct SocketNetOptions {
   int nthreads = 2;                // progress threads
   size_t sliceBytes = 128 * 1024;  // unit of striping over data sockets
   size_t inlineBytes = 16 * 1024;  // messages up to this size ride the control socket
+  size_t socketBufferBytes = 0;    // SO_SNDBUF/SO_RCVBUF of every socket; 0: the kernel's autotuning
   int nchannels = 0;               // channels per connection (0: one per device, at most 4)
   int handshakeTimeoutMs = 30000;  // an incoming socket must finish its handshake in this time
 };
@@ -49,6 +50,8 @@ struct SocketStats {
   std::string local;    // "addr:port" of this end
   std::string peer;     // "addr:port" of the other end
   uint64_t slices = 0;  // send side: slices this socket has taken
+  int sndbuf = 0;       // SO_SNDBUF and SO_RCVBUF as the kernel reports them (bytes,
+  int rcvbuf = 0;       // twice what was set, for its bookkeeping)
 };
 
 class SocketNet : public Net {

@@ -43,6 +43,12 @@ TEST(Params, AutoSpinUs) {
   EXPECT_EQ(autoSpinUs(4, 0), 50);
 }
 
+TEST(Params, AutoSocketBufferBytes) {
+  EXPECT_EQ(autoSocketBufferBytes(1), 256u * 1024);  // one NIC (or loopback): fixed
+  EXPECT_EQ(autoSocketBufferBytes(2), 0u);           // several NICs: the kernel's autotuning
+  EXPECT_EQ(autoSocketBufferBytes(4), 0u);
+}
+
 TEST(Params, AutoThreads) {
   // Half the cores per local rank, at least 1, at most 8.
   EXPECT_EQ(autoThreads(2, 4), 1);
@@ -78,6 +84,7 @@ TEST(Params, Defaults) {
   EXPECT_EQ(p.buffers, 8);
   EXPECT_EQ(p.sliceBytes, 512u * 1024);
   EXPECT_EQ(p.inlineBytes, 16u * 1024);
+  EXPECT_EQ(p.socketBufferBytes, kSocketBufferAuto);
   EXPECT_EQ(p.algo, "");
   EXPECT_EQ(p.algoThreshold, 64u * 1024);
   EXPECT_EQ(p.spinUs, cpus >= 4 ? 50 : 0);  // autoSpinUs with one local rank
@@ -156,6 +163,9 @@ TEST(Params, ValidValues) {
       {"TCPX_BUFFERS", "256", [](const Params& p) { return p.buffers == 256; }},
       {"TCPX_SLICE_BYTES", "64k", [](const Params& p) { return p.sliceBytes == 65536; }},
       {"TCPX_INLINE_BYTES", "0", [](const Params& p) { return p.inlineBytes == 0; }},
+      {"TCPX_SOCKET_BUFFER_BYTES", "0", [](const Params& p) { return p.socketBufferBytes == 0; }},
+      {"TCPX_SOCKET_BUFFER_BYTES", "4K", [](const Params& p) { return p.socketBufferBytes == 4096; }},
+      {"TCPX_SOCKET_BUFFER_BYTES", "1G", [](const Params& p) { return p.socketBufferBytes == (1u << 30); }},
       {"TCPX_INLINE_BYTES", "1M", [](const Params& p) { return p.inlineBytes == (1u << 20); }},
       {"TCPX_ALGO", "ring", [](const Params& p) { return p.algo == "ring"; }},
       {"TCPX_ALGO", "RING", [](const Params& p) { return p.algo == "ring"; }},
@@ -218,6 +228,9 @@ TEST(Params, InvalidValuesNameTheVariable) {
       {"TCPX_SLICE_BYTES", "1K"},
       {"TCPX_SLICE_BYTES", "abc"},
       {"TCPX_INLINE_BYTES", "2M"},
+      {"TCPX_SOCKET_BUFFER_BYTES", "4095"},
+      {"TCPX_SOCKET_BUFFER_BYTES", "2G"},
+      {"TCPX_SOCKET_BUFFER_BYTES", "big"},
       {"TCPX_ALGO", "bogus"},
       {"TCPX_ALGO", "allgather:ring"},
       {"TCPX_ALGO", "allreduce:tree"},

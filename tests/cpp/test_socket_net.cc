@@ -890,6 +890,50 @@ TEST(SocketNet, PerConnectionSocketCount) {
   EXPECT_NE(lastError().find("nsocks=65"), std::string::npos) << lastError();
 }
 
+long procLong(const char* path) {
+  FILE* f = fopen(path, "r");
+  long v = -1;
+  if (f) {
+    if (fscanf(f, "%ld", &v) != 1) v = -1;
+    fclose(f);
+  }
+  return v;
+}
+
+// TCPX_SOCKET_BUFFER_BYTES: every socket of a connection, on both ends (the
+// accepted ones inherit the listener's), has the fixed buffers, which the
+// kernel reports doubled and capped by net.core.{w,r}mem_max; messages far
+// larger than them arrive intact.
+TEST(SocketNet, FixedSocketBuffers) {
+  const long want = 96 * 1024;
+  const long wmax = procLong("/proc/sys/net/core/wmem_max");
+  const long rmax = procLong("/proc/sys/net/core/rmem_max");
+  ASSERT_GT(wmax, 0);
+  ASSERT_GT(rmax, 0);
+  SocketNetOptions o;
+  ASSERT_EQ(findNetDevices("lo", "/sys", &o.devices), tcpxSuccess) << lastError();
+  o.nsocks = 3;
+  o.socketBufferBytes = static_cast<size_t>(want);
+  std::unique_ptr<SocketNet> snet, rnet;
+  ASSERT_EQ(SocketNet::create(o, &snet), tcpxSuccess) << lastError();
+  ASSERT_EQ(SocketNet::create(o, &rnet), tcpxSuccess) << lastError();
+  Link l;
+  ASSERT_TRUE(openLink(rnet.get(), &l, 1, 0, 0, snet.get()));
+  ASSERT_TRUE(transferSizes(l, {1, 3000, size_t{5} << 20}, 9500, 93));
+  const int sndbuf = static_cast<int>(2 * std::min(want, wmax));
+  const int rcvbuf = static_cast<int>(2 * std::min(want, rmax));
+  const std::vector<SocketStats> sent = snet->socketStats(l.send, true);
+  const std::vector<SocketStats> recvd = rnet->socketStats(l.recv, false);
+  ASSERT_EQ(sent.size(), 4u);  // control + 3 data sockets
+  ASSERT_EQ(recvd.size(), 4u);
+  for (const auto* side : {&sent, &recvd}) {
+    for (const SocketStats& st : *side) {
+      EXPECT_EQ(st.sndbuf, sndbuf) << (side == &sent ? "sender" : "receiver") << " socket " << st.index;
+      EXPECT_EQ(st.rcvbuf, rcvbuf) << (side == &sent ? "sender" : "receiver") << " socket " << st.index;
+    }
+  }
+}
+
 // A net over `ndev` devices of loopback standing in for NICs: 127.0.0.1 as
 // "lo", 127.0.0.2 as "lo-b", ... (all of 127/8 is local).
 std::unique_ptr<SocketNet> makeMultiDeviceNet(int ndev, int nsocks, int nchannels) {

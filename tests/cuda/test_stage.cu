@@ -162,6 +162,75 @@ void testManyOps(DeviceStage& s, cudaStream_t stream) {
   CUDA_OK(cudaFree(ones));
 }
 
+// Commands posted back to back without waiting, staging copies (device ->
+// pinned) alternating with unpack reduces (pinned -> device) of other
+// buffers, as the worker posts them for a ring. Every ticket is checked the moment it completes:
+// the staging copies it covers must be visible in pinned memory by then
+// (tickets complete in command order); the reduces are checked at the end.
+void testPipelined(DeviceStage& s, cudaStream_t stream) {
+  phase = "pipelined";
+  const int chunks = 48;
+  const size_t bytes = 1 << 20, n = bytes / 4;
+  std::vector<float*> src(chunks), dst(chunks), own(chunks), staged(chunks), bounce(chunks);
+  std::vector<std::vector<float>> want(chunks), in(chunks);
+  for (int k = 0; k < chunks; k++) {
+    in[k].resize(n);
+    want[k].resize(n);
+    std::vector<float> o(n), b(n);
+    for (size_t i = 0; i < n; i++) {
+      in[k][i] = static_cast<float>((i * 13 + k) % 2003);
+      o[i] = static_cast<float>((i + 7 * k) % 511);
+      b[i] = static_cast<float>((i * 3 + k) % 97);
+      want[k][i] = o[i] + b[i];
+    }
+    CUDA_OK(cudaMalloc(&src[k], bytes));
+    CUDA_OK(cudaMalloc(&dst[k], bytes));
+    CUDA_OK(cudaMalloc(&own[k], bytes));
+    CUDA_OK(cudaMemcpy(src[k], in[k].data(), bytes, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(own[k], o.data(), bytes, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemset(dst[k], 0xff, bytes));
+    staged[k] = static_cast<float*>(s.allocHost(bytes));
+    bounce[k] = static_cast<float*>(s.allocHost(bytes));
+    memset(staged[k], 0xff, bytes);
+    memcpy(bounce[k], b.data(), bytes);
+  }
+  CUDA_OK(cudaDeviceSynchronize());
+  uint64_t op;
+  TCPX_OK(s.launch(stream, &op));
+  waitStarted(s, op);
+  s.bind(op);
+  std::vector<uint64_t> copyTicket(chunks);
+  for (int k = 0; k < chunks; k++) {
+    TCPX_OK(s.copy(staged[k], src[k], bytes, false));
+    TCPX_OK(s.record(&copyTicket[k]));
+    TCPX_OK(s.unpack(dst[k], own[k], bounce[k], bytes, true, DataType::kFloat32, RedOp::kSum));
+  }
+  uint64_t last;
+  TCPX_OK(s.record(&last));
+  bool inOrder = true;
+  for (int k = 0; k < chunks; k++) {
+    waitTicket(s, copyTicket[k]);
+    for (int j = 0; j <= k; j++)  // everything up to this ticket is there
+      inOrder &= memcmp(staged[j], in[j].data(), bytes) == 0;
+  }
+  waitTicket(s, last);
+  TCPX_OK(s.end(op));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  report(inOrder, "48 staging copies, each visible when its ticket completes");
+  bool reduced = true;
+  std::vector<float> got(n);
+  for (int k = 0; k < chunks; k++) {
+    CUDA_OK(cudaMemcpy(got.data(), dst[k], bytes, cudaMemcpyDeviceToHost));
+    reduced &= memcmp(got.data(), want[k].data(), bytes) == 0;
+    s.freeHost(staged[k]);
+    s.freeHost(bounce[k]);
+    CUDA_OK(cudaFree(src[k]));
+    CUDA_OK(cudaFree(dst[k]));
+    CUDA_OK(cudaFree(own[k]));
+  }
+  report(reduced, "48 unpack reduces posted between them");
+}
+
 // Host relay (transport/relay.h): this thread plays the worker, which sees
 // the gate, transforms the staged bytes (b -> 255 - b, so a kernel that
 // copied its input through would fail) and publishes them. Sizes around
@@ -418,19 +487,20 @@ int main() {
     return 0;
   }
   std::thread([] {
-    std::this_thread::sleep_for(std::chrono::seconds(60));
-    printf("FAIL hang in phase '%s' (watchdog, 60 s)\n", phase.load());
+    std::this_thread::sleep_for(std::chrono::seconds(150));
+    printf("FAIL hang in phase '%s' (watchdog, 150 s)\n", phase.load());
     fflush(stdout);
     _exit(3);
   }).detach();
   CUDA_OK(cudaSetDevice(0));
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::shared_ptr<DeviceStage> stage;
   TCPX_OK(createCudaStage(0, 8, &stage));
   TCPX_OK(stage->reserveHost(512 * 1024, 8));
-  cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   testRoundTrip(*stage, stream);
   testManyOps(*stage, stream);
+  testPipelined(*stage, stream);
   testHostRelay(stream);
   printf("%s: %d failure(s)\n", testFailures() ? "FAILED" : "OK", testFailures());
   return testFailures() ? 1 : 0;

@@ -79,6 +79,7 @@ print("initialised")
     ({"TCPX_NET": "plugin"}, ["TCPX_NET", "plugin"]),
     ({"TCPX_CUDA_BLOCKS": "0"}, ["TCPX_CUDA_BLOCKS", "0", "[1, 64]"]),
     ({"TCPX_CUDA_HOST_BYTES": "2M"}, ["TCPX_CUDA_HOST_BYTES", "2M"]),
+    ({"TCPX_SOCKET_BUFFER_BYTES": "1K"}, ["TCPX_SOCKET_BUFFER_BYTES", "1K", "4K-1G"]),
     ({"TCPX_GPU_NIC_MAP": "0=eth1"}, ["TCPX_GPU_NIC_MAP", "0=eth1", "gpu:ifname"]),
 ])
 def test_bad_configuration_is_value_error(env, names):
@@ -130,8 +131,9 @@ def test_config_lists_every_knob_once():
     cfg = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(k.startswith("TCPX_") for k in cfg), cfg
     for knob in ("TCPX_NSOCKS", "TCPX_CHUNK_BYTES", "TCPX_BUFFERS", "TCPX_CUDA_BLOCKS",
-                 "TCPX_CUDA_HOST_BYTES", "TCPX_SPIN_US"):
+                 "TCPX_CUDA_HOST_BYTES", "TCPX_SPIN_US", "TCPX_SOCKET_BUFFER_BYTES"):
         assert knob in cfg, cfg
     assert cfg["TCPX_NSOCKS"] == "2,cuda:8", cfg
     assert cfg["TCPX_CHUNK_BYTES"] == "524288,cuda:8388608", cfg
     assert cfg["TCPX_BUFFERS"] == "8,cuda:4", cfg
+    assert cfg["TCPX_SOCKET_BUFFER_BYTES"] == "auto", cfg
