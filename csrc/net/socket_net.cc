@@ -66,6 +66,15 @@ struct WireHandle {
 };
 static_assert(sizeof(WireHandle) <= kNetHandlePublicBytes, "handle too large");
 
+// Device `d`'s address with `port` (network byte order).
+WireAddr deviceAddr(const NetInterface& d, uint16_t port) {
+  WireAddr a{};
+  memcpy(&a, &d.addr, std::min<size_t>(d.addrLen, sizeof(a)));
+  if (a.sa.sa_family == AF_INET6) a.in6.sin6_port = port;
+  else a.in4.sin_port = port;
+  return a;
+}
+
 // Address i of a handle (0 <= i < naddrs), with the handle's port.
 WireAddr handleAddr(const WireHandle& wh, int i) {
   WireAddr a = wh.addr;
@@ -535,8 +544,8 @@ class SendComm : public CommBase {
   // socket now. A message the kernel takes whole never wakes a progress thread.
   void kick() {
     // One idle socket takes what the kernel accepts; with channels, a socket
-    // with a backlog of lowat_ unsent bytes takes no more, so the next idle
-    // one gets the rest.
+    // with a slice's bytes unsent takes no more, so the next idle one gets
+    // the rest.
     for (size_t i = 1; i < socks_.size(); i++) {
       SockHandler* h = socks_[i].get();
       {
@@ -545,21 +554,22 @@ class SendComm : public CommBase {
         if (h->sreq || h->writing || h->detached) continue;
       }
       writeSlices(h);
-      if (!lowat_) return;
+      if (!multiChannel_) return;
     }
   }
 
   // Channels over several NICs: a data socket takes a new slice only while
-  // fewer than lowat_ bytes wait unsent in its kernel queue (SIOCOUTQNSD),
-  // and TCP_NOTSENT_LOWAT makes EPOLLOUT wait for that too. A slow NIC's
-  // sockets then hold a bounded backlog, and the other NICs take the rest
-  // of a message instead of waiting behind it. 0: no limit (one NIC).
-  size_t lowat_ = 0;
+  // fewer than one slice's bytes wait unsent in its kernel queue
+  // (SIOCOUTQNSD), and TCP_NOTSENT_LOWAT makes EPOLLOUT wait for that too.
+  // A slow NIC's sockets then hold a bounded backlog, and the other NICs
+  // take the rest of a message instead of waiting behind it. Off (no limit)
+  // with one NIC.
+  bool multiChannel_ = false;
   size_t sliceBytes_ = net_->options().sliceBytes;  // this connection's slice size (smaller with channels)
   bool backlogged(const SockHandler* h) const {
-    if (!lowat_) return false;
+    if (!multiChannel_) return false;
     int unsent = 0;
-    return ioctl(h->fd_, SIOCOUTQNSD, &unsent) == 0 && static_cast<size_t>(unsent) >= lowat_;
+    return ioctl(h->fd_, SIOCOUTQNSD, &unsent) == 0 && static_cast<size_t>(unsent) >= sliceBytes_;
   }
 
   bool queueHasWorkLocked() {
@@ -652,7 +662,7 @@ class SendComm : public CommBase {
     while (budget > 0) {
       if (!h->sreq) {
         if (backlogged(h)) return false;  // writeSlices arms EPOLLOUT
-        if (lowat_ && laterThanBest(h, sliceBytes)) return true;
+        if (multiChannel_ && laterThanBest(h, sliceBytes)) return true;
         std::lock_guard<std::mutex> lk(mu_);
         if (failed_ || !queueHasWorkLocked()) return false;
         SocketRequest* r = queue_.front();
@@ -704,7 +714,7 @@ class SendComm : public CommBase {
       h->sreq = nullptr;
       r->slicesInFlight--;
       r->written += h->sliceHdr.len;
-      rearmDeclinedLocked();
+      if (multiChannel_) rearmDeclinedLocked();
       if (failed_) {
         // The comm failed (e.g. the receiver closed after reading this very
         // message) while this last slice was being written: a send whose
@@ -1572,11 +1582,8 @@ tcpxResult_t SocketNet::listen(int dev, const NetListenInfo& info, NetHandle* ha
     TCPX_ERR(tcpxInvalidArgument, "device %d does not exist (socket net has %zu)", dev,
              opts_.devices.size());
   const NetInterface& d = opts_.devices[dev];
-  WireAddr addr{};
-  memcpy(&addr, &d.addr, std::min<size_t>(d.addrLen, sizeof(addr)));
+  WireAddr addr = deviceAddr(d, 0);
   socklen_t addrLen = d.addr.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
-  if (d.addr.ss_family == AF_INET6) addr.in6.sin6_port = 0;
-  else addr.in4.sin_port = 0;
   // Several devices: one listening socket for all of them (the wildcard
   // address of the family), so that every channel of a connection can
   // arrive on its own NIC and still be grouped with the others by connId.
@@ -1618,9 +1625,7 @@ tcpxResult_t SocketNet::listen(int dev, const NetListenInfo& info, NetHandle* ha
   if (naddrs > 1) {
     // Device i's address with the listening port, in device order.
     const uint16_t port = addr.sa.sa_family == AF_INET6 ? addr.in6.sin6_port : addr.in4.sin_port;
-    memcpy(&wh.addr, &opts_.devices[0].addr, std::min<size_t>(opts_.devices[0].addrLen, sizeof(WireAddr)));
-    if (addr.sa.sa_family == AF_INET6) wh.addr.in6.sin6_port = port;
-    else wh.addr.in4.sin_port = port;
+    wh.addr = deviceAddr(opts_.devices[0], port);
     for (int i = 1; i < naddrs; i++) {
       const sockaddr_storage& a = opts_.devices[i].addr;
       if (a.ss_family == AF_INET6)
@@ -1680,10 +1685,7 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
       ConnectState::Sock& sk = st->socks[i];
       sk.remote = handleAddr(wh, local % wh.naddrs);
       sk.bindLocal = ndev > 1;
-      memcpy(&sk.local, &opts_.devices[local].addr,
-             std::min<size_t>(opts_.devices[local].addrLen, sizeof(WireAddr)));
-      if (sk.local.sa.sa_family == AF_INET6) sk.local.in6.sin6_port = 0;
-      else sk.local.in4.sin_port = 0;
+      sk.local = deviceAddr(opts_.devices[local], 0);
     }
     st->hello.magic = kWireMagic;
     st->hello.version = kWireVersion;
@@ -1719,8 +1721,8 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
     // carry; 64 KiB slices and a 256 KiB send buffer 66-72 MB/s (2 to 8
     // slices of send buffer, 32-128 KiB slices: the same within the noise).
     sc->sliceBytes_ = std::min<size_t>(opts_.sliceBytes, kChannelSliceBytes);
-    sc->lowat_ = sc->sliceBytes_;
-    const int lowat = static_cast<int>(sc->lowat_);
+    sc->multiChannel_ = true;
+    const int lowat = static_cast<int>(sc->sliceBytes_);
     const int sndbuf = static_cast<int>(4 * sc->sliceBytes_);
     for (size_t i = 1; i < st->socks.size(); i++) {
       setsockopt(st->socks[i].fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
@@ -1740,7 +1742,7 @@ tcpxResult_t SocketNet::connect(int dev, NetHandle* handle, const NetConnectInfo
     delete sc;
     return r;
   }
-  if (sc->lowat_) sc->startTicker();
+  if (sc->multiChannel_) sc->startTicker();
   TCPX_INFO(kLogNet, "connected to %s (connection %u, %d data sockets, %d channels from device %d)",
             sc->peer_.c_str(), info.connIndex, static_cast<int>(sc->socks_.size()) - 1,
             info.nchannels ? static_cast<int>(info.nchannels) : channels(), dev);
