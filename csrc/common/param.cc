@@ -227,8 +227,9 @@ int autoSpinUs(int cpus, int localWorldSize) {
 }
 
 int autoThreads(int cpus, int localWorldSize) {
-  int t = cpus / (2 * std::max(1, localWorldSize));
-  return std::max(1, std::min(8, t));
+  const int share = cpus / std::max(1, localWorldSize);
+  if (share >= 16) return 16;
+  return std::max(1, std::min(8, share / 2));
 }
 
 tcpxResult_t getParams(const Params** out) {

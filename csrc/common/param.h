@@ -35,7 +35,7 @@ struct Params {
   // TCPX_BUFFERS and TCPX_NSOCKS set both.
   size_t cudaChunkBytes = 8 * 1024 * 1024;
   int cudaBuffers = 4;  // 32 MiB in flight per peer, 64 MiB pinned
-  int cudaNsocks = 8;
+  int cudaNsocks = 16;  // with 16 progress threads: docs/performance.md, issue 4, fifth measurement
   // TCPX_CUDA_HOST_BYTES (0-1 MiB): CUDA all_reduces up to this size go
   // through the host relay (transport/relay.h): one kernel, the CPU path
   // on pinned memory, no op-kernel round trips. 0 turns it off.
@@ -69,8 +69,10 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
 tcpxResult_t getParams(const Params** out);
 
 // Default progress threads per process: half the cores available to each
-// local rank, between 1 and 8. Measured on a 2-core machine (docs/performance.md):
-// extra threads only add context switches when ranks outnumber cores.
+// local rank, between 1 and 8; 16 where a rank has 16 cores or more. Measured
+// (docs/performance.md): on a 2-core machine extra threads only add context
+// switches when ranks outnumber cores; on 2 x H200 hosts (16 cores per rank)
+// the CUDA all_reduce's 16 sockets need a thread each.
 int autoThreads(int cpus, int localWorldSize);
 
 // Default TCPX_SOCKET_BUFFER_BYTES for a socket net over `ndevices` NICs.

@@ -50,15 +50,16 @@ TEST(Params, AutoSocketBufferBytes) {
 }
 
 TEST(Params, AutoThreads) {
-  // Half the cores per local rank, at least 1, at most 8.
+  // Half the cores per local rank, at least 1, at most 8; 16 from 16 cores per rank.
   EXPECT_EQ(autoThreads(2, 4), 1);
   EXPECT_EQ(autoThreads(2, 2), 1);
   EXPECT_EQ(autoThreads(2, 1), 1);
   EXPECT_EQ(autoThreads(16, 2), 4);
   EXPECT_EQ(autoThreads(16, 4), 2);
-  EXPECT_EQ(autoThreads(128, 8), 8);
-  EXPECT_EQ(autoThreads(32, 2), 8);
-  EXPECT_EQ(autoThreads(256, 1), 8);
+  EXPECT_EQ(autoThreads(128, 8), 16);
+  EXPECT_EQ(autoThreads(32, 2), 16);
+  EXPECT_EQ(autoThreads(30, 2), 7);
+  EXPECT_EQ(autoThreads(256, 1), 16);
   EXPECT_EQ(autoThreads(1, 0), 1);
   Params p;
   ASSERT_EQ(parseEnv({{"LOCAL_WORLD_SIZE", "64"}}, &p), tcpxSuccess);
@@ -93,7 +94,7 @@ TEST(Params, Defaults) {
   // The CUDA communicator's own defaults.
   EXPECT_EQ(p.cudaChunkBytes, 8u << 20);
   EXPECT_EQ(p.cudaBuffers, 4);
-  EXPECT_EQ(p.cudaNsocks, 8);
+  EXPECT_EQ(p.cudaNsocks, 16);
 }
 
 // TCPX_CHUNK_BYTES, TCPX_BUFFERS and TCPX_NSOCKS, when set, apply to the CPU

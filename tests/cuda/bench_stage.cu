@@ -4,7 +4,8 @@
 //              small op's staging copy or unpack), median of kReps;
 //   bandwidth: `count` commands given back to back, then one ticket.
 // Commands: device -> pinned copy (staging a send), pinned -> device unpack
-// (a receive), pinned -> device reduce into device memory (a reduce step).
+// (a receive), pinned -> device reduce into device memory (a reduce step),
+// and staging copies alternating with unpacks (both directions of PCIe).
 // Build and run on a GPU machine:
 //   nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/bench_stage.cu csrc/transport/cuda_stage.cu \
 //     csrc/transport/unpack.cu csrc/common/*.cc -o /tmp/bench_stage && /tmp/bench_stage [blocks...]
@@ -57,17 +58,27 @@ double usSince(Clock::time_point t0) {
   return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
 }
 
-enum class Kind { kStage, kUnpack, kReduce };
+// kMixed: staging copies and unpacks alternating (the i-th command of a
+// row is a copy when i is even), as a ring's worker posts them; its GB/s
+// counts both directions of PCIe together.
+enum class Kind { kStage, kUnpack, kReduce, kMixed };
 const char* kindName(Kind k) {
-  return k == Kind::kStage ? "copy device->pinned" : k == Kind::kUnpack ? "unpack pinned->device"
-                                                                        : "reduce pinned+device";
+  switch (k) {
+    case Kind::kStage: return "copy device->pinned";
+    case Kind::kUnpack: return "unpack pinned->device";
+    case Kind::kReduce: return "reduce pinned+device";
+    case Kind::kMixed: return "copy, unpack alternating";
+  }
+  return "?";
 }
 
-tcpxResult_t give(DeviceStage& s, Kind k, void* dev, void* pinned, size_t bytes) {
+tcpxResult_t give(DeviceStage& s, Kind k, void* dev, void* pinned, size_t bytes, int i) {
+  if (k == Kind::kMixed) k = i % 2 ? Kind::kUnpack : Kind::kStage;
   switch (k) {
     case Kind::kStage: return s.copy(pinned, dev, bytes, false);
     case Kind::kUnpack: return s.unpack(dev, nullptr, pinned, bytes, false, DataType::kFloat32, RedOp::kSum);
     case Kind::kReduce: return s.unpack(dev, nullptr, pinned, bytes, true, DataType::kFloat32, RedOp::kSum);
+    case Kind::kMixed: break;
   }
   return tcpxInternalError;
 }
@@ -91,7 +102,7 @@ void run(int blocks) {
   printf("\n# op kernel, %d blocks\n", blocks);
   printf("# %-22s %10s %9s %14s %14s %12s%s\n", "command", "bytes", "start", "latency (us)",
          "stream (us)", "GB/s", kTiming ? "   read   work gather   host" : "");
-  for (Kind k : {Kind::kStage, Kind::kUnpack, Kind::kReduce}) {
+  for (Kind k : {Kind::kStage, Kind::kUnpack, Kind::kReduce, Kind::kMixed}) {
     for (size_t bytes : {size_t{4}, size_t{65536}, size_t{524288}, size_t{4} << 20}) {
       // One op per row: its command indexes start at 0 (the stamps' slots).
       uint64_t op;
@@ -104,7 +115,7 @@ void run(int blocks) {
       for (int rep = 0; rep < kReps; rep++) {
         uint64_t t;
         auto t1 = Clock::now();
-        TCPX_OK(give(s, k, dev, pinned[0], bytes));
+        TCPX_OK(give(s, k, dev, pinned[0], bytes, rep));
         TCPX_OK(s.record(&t));
         waitTicket(s, t);
         lat.push_back(usSince(t1));
@@ -114,7 +125,7 @@ void run(int blocks) {
       uint64_t t;
       auto t2 = Clock::now();
       for (int i = 0; i < count; i++)
-        TCPX_OK(give(s, k, static_cast<char*>(dev) + i * bytes, pinned[i], bytes));
+        TCPX_OK(give(s, k, static_cast<char*>(dev) + i * bytes, pinned[i], bytes, i));
       TCPX_OK(s.record(&t));
       waitTicket(s, t);
       const double us = usSince(t2) / count;

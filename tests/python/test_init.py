@@ -133,7 +133,7 @@ def test_config_lists_every_knob_once():
     for knob in ("TCPX_NSOCKS", "TCPX_CHUNK_BYTES", "TCPX_BUFFERS", "TCPX_CUDA_BLOCKS",
                  "TCPX_CUDA_HOST_BYTES", "TCPX_SPIN_US", "TCPX_SOCKET_BUFFER_BYTES"):
         assert knob in cfg, cfg
-    assert cfg["TCPX_NSOCKS"] == "2,cuda:8", cfg
+    assert cfg["TCPX_NSOCKS"] == "2,cuda:16", cfg
     assert cfg["TCPX_CHUNK_BYTES"] == "524288,cuda:8388608", cfg
     assert cfg["TCPX_BUFFERS"] == "8,cuda:4", cfg
     assert cfg["TCPX_SOCKET_BUFFER_BYTES"] == "auto", cfg
