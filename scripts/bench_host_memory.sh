@@ -2,7 +2,7 @@
 # On the GPU machine (2 GPUs): how much of the loopback net is left when the
 # GPUs' staging traffic shares host memory with it. bench_net (the socket
 # net alone, both directions, from host memory) runs alone, then beside
-# benchmarks/pcie_load on GPUs 0 and 1 at RATE GB/s each way (the staging
+# tests/cuda/pcie_load.cu on GPUs 0 and 1 at RATE GB/s each way (the staging
 # traffic of an all_reduce at RATE GB/s busbw), then beside them at full
 # speed, for 8 and 16 sockets. See docs/performance.md (issue 4, fifth
 # measurement).
@@ -13,7 +13,7 @@ RATE=${1:-20}
 BIN=${TMPDIR:-/tmp}
 g++ -O2 -std=c++17 -pthread -Icsrc benchmarks/bench_net.cc csrc/common/*.cc csrc/net/*.cc \
   -o "$BIN/bench_net" || exit 1
-nvcc -O2 -std=c++17 benchmarks/pcie_load.cu -o "$BIN/pcie_load" || exit 1
+nvcc -O2 -std=c++17 -Icsrc tests/cuda/pcie_load.cu -o "$BIN/pcie_load" || exit 1
 net() {
   "$BIN/bench_net" --nsocks "$1" --nthreads "$1" --chunk 8M --depth 4 --working 64M --bytes 8G \
     --rounds 3 --sockbuf 256K 2>&1 | grep "GB/s" | sed "s/^/  /"

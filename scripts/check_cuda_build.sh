@@ -33,8 +33,8 @@ echo "  nvcc ok: tests/cuda/test_stage.cu (linked)"
 "$NVCC" -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/bench_stage.cu csrc/transport/cuda_stage.cu \
   csrc/transport/unpack.cu csrc/common/*.cc -o "$OUT/bench_stage"
 echo "  nvcc ok: tests/cuda/bench_stage.cu (linked)"
-"$NVCC" -std=c++17 -O2 benchmarks/pcie_load.cu -o "$OUT/pcie_load"
-echo "  nvcc ok: benchmarks/pcie_load.cu (linked)"
+"$NVCC" -std=c++17 -O2 -Icsrc tests/cuda/pcie_load.cu -o "$OUT/pcie_load"
+echo "  nvcc ok: tests/cuda/pcie_load.cu (linked)"
 TORCH_INC=$(python3 -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
 PY_INC=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 # A CPU-only wheel lacks this one generated header of c10/cuda.

@@ -215,7 +215,6 @@ tcpxResult_t parseParams(const std::function<const char*(const char*)>& getenvFn
     TCPX_CHECK(parseBytes("TCPX_CUDA_HOST_BYTES", v, 0, 1ull << 20, &p.cudaHostBytes));
   if (const char* v = get("TCPX_CUDA_BLOCKS"))
     TCPX_CHECK(parseInt("TCPX_CUDA_BLOCKS", v, 1, 64, &p.cudaBlocks));
-
   *out = p;
   return tcpxSuccess;
 }

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <random>
 
 #include <sys/random.h>
@@ -85,6 +87,21 @@ std::string formatBytes(uint64_t bytes) {
   }
   if (u == 0) return strFormat("%llu B", static_cast<unsigned long long>(bytes));
   return strFormat("%.1f %s", v, units[u]);
+}
+
+bool readIntFile(const std::string& path, long* out) {
+  std::ifstream f(path);
+  if (!f) return false;
+  std::string line;
+  if (!std::getline(f, line)) return false;
+  line = trim(line);
+  if (line.empty()) return false;
+  char* end = nullptr;
+  errno = 0;
+  long v = strtol(line.c_str(), &end, 10);
+  if (errno != 0 || end == line.c_str() || *end != '\0') return false;
+  *out = v;
+  return true;
 }
 
 void randomBytes(void* out, size_t n) {

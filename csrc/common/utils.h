@@ -22,6 +22,10 @@ std::vector<std::string> splitString(const std::string& s, char sep);
 std::string strFormat(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 // "1.5 MiB", "512 B": sizes in error messages and logs.
 std::string formatBytes(uint64_t bytes);
+// Reads the first line of a small sysfs or procfs file as an integer. False
+// when the file is absent, unreadable (reading lo's "speed" fails with
+// EINVAL) or not a number.
+bool readIntFile(const std::string& path, long* out);
 
 // Fills `out` with `n` bytes from the kernel's CSPRNG (getrandom); falls back
 // to std::random_device if that fails.

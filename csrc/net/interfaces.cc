@@ -4,7 +4,6 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <map>
 
 #include <arpa/inet.h>
@@ -16,24 +15,6 @@
 
 namespace tcpx {
 namespace {
-
-// Reads the first line of a small sysfs file as an integer. False when the
-// file is absent, unreadable (reading lo's "speed" fails with EINVAL) or not a
-// number.
-bool readIntFile(const std::string& path, long* out) {
-  std::ifstream f(path);
-  if (!f) return false;
-  std::string line;
-  if (!std::getline(f, line)) return false;
-  line = trim(line);
-  if (line.empty()) return false;
-  char* end = nullptr;
-  errno = 0;
-  long v = strtol(line.c_str(), &end, 10);
-  if (errno != 0 || end == line.c_str() || *end != '\0') return false;
-  *out = v;
-  return true;
-}
 
 // Preference among the addresses of one interface: IPv4, then IPv6 other
 // than link-local, then link-local (usable only with a scope, and only on the

@@ -35,6 +35,7 @@
 
 #include "common/event.h"
 #include "common/status.h"
+#include "common/utils.h"
 #include "net/interfaces.h"
 #include "net/net.h"
 #include "net/socket_net.h"
@@ -890,24 +891,15 @@ TEST(SocketNet, PerConnectionSocketCount) {
   EXPECT_NE(lastError().find("nsocks=65"), std::string::npos) << lastError();
 }
 
-long procLong(const char* path) {
-  FILE* f = fopen(path, "r");
-  long v = -1;
-  if (f) {
-    if (fscanf(f, "%ld", &v) != 1) v = -1;
-    fclose(f);
-  }
-  return v;
-}
-
 // TCPX_SOCKET_BUFFER_BYTES: every socket of a connection, on both ends (the
 // accepted ones inherit the listener's), has the fixed buffers, which the
 // kernel reports doubled and capped by net.core.{w,r}mem_max; messages far
 // larger than them arrive intact.
 TEST(SocketNet, FixedSocketBuffers) {
   const long want = 96 * 1024;
-  const long wmax = procLong("/proc/sys/net/core/wmem_max");
-  const long rmax = procLong("/proc/sys/net/core/rmem_max");
+  long wmax = -1, rmax = -1;
+  ASSERT_TRUE(readIntFile("/proc/sys/net/core/wmem_max", &wmax));
+  ASSERT_TRUE(readIntFile("/proc/sys/net/core/rmem_max", &rmax));
   ASSERT_GT(wmax, 0);
   ASSERT_GT(rmax, 0);
   SocketNetOptions o;

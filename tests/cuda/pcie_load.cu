@@ -6,9 +6,9 @@
 // the loopback net's rate is left once the GPUs' staging traffic shares the
 // host's memory with it, as it does in a CUDA all_reduce between two GPUs
 // of one host (docs/performance.md, issue 4, fifth measurement).
-//   nvcc -O2 -std=c++17 benchmarks/pcie_load.cu -o pcie_load
+//   nvcc -O2 -std=c++17 -Icsrc tests/cuda/pcie_load.cu -o pcie_load
 //   ./pcie_load <gpu> <rate GB/s each way, 0 = full speed> <secs> [working MiB, default 64]
-// Prints the rate reached each way. Exit status 1 on a CUDA error or bad arguments.
+// Prints the rate reached each way. Exit status 1 on bad arguments, 2 on a CUDA error.
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -16,14 +16,7 @@
 #include <cstdlib>
 #include <thread>
 
-#define CHECK(call)                                                                  \
-  do {                                                                               \
-    cudaError_t e_ = (call);                                                         \
-    if (e_ != cudaSuccess) {                                                         \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      return 1;                                                                      \
-    }                                                                                \
-  } while (0)
+#include "cuda_check.h"
 
 int main(int argc, char** argv) {
   if (argc < 4) {
@@ -38,14 +31,14 @@ int main(int argc, char** argv) {
     fprintf(stderr, "rate must be >= 0, secs > 0, working >= 8 MiB\n");
     return 1;
   }
-  CHECK(cudaSetDevice(gpu));
+  CUDA_OK(cudaSetDevice(gpu));
   char *dev, *toHost, *fromHost;
-  CHECK(cudaMalloc(&dev, 2 * chunk));
-  CHECK(cudaHostAlloc(&toHost, working, cudaHostAllocPortable));
-  CHECK(cudaHostAlloc(&fromHost, working, cudaHostAllocPortable));
+  CUDA_OK(cudaMalloc(&dev, 2 * chunk));
+  CUDA_OK(cudaHostAlloc(&toHost, working, cudaHostAllocPortable));
+  CUDA_OK(cudaHostAlloc(&fromHost, working, cudaHostAllocPortable));
   cudaStream_t d2h, h2d;
-  CHECK(cudaStreamCreateWithFlags(&d2h, cudaStreamNonBlocking));
-  CHECK(cudaStreamCreateWithFlags(&h2d, cudaStreamNonBlocking));
+  CUDA_OK(cudaStreamCreateWithFlags(&d2h, cudaStreamNonBlocking));
+  CUDA_OK(cudaStreamCreateWithFlags(&h2d, cudaStreamNonBlocking));
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
   auto next = t0;
@@ -54,10 +47,10 @@ int main(int argc, char** argv) {
       std::chrono::duration<double>(rate > 0 ? chunk / (rate * 1e9) : 0));
   size_t moved = 0, off = 0;
   while (std::chrono::duration<double>(Clock::now() - t0).count() < secs) {
-    CHECK(cudaMemcpyAsync(toHost + off, dev, chunk, cudaMemcpyDeviceToHost, d2h));
-    CHECK(cudaMemcpyAsync(dev + chunk, fromHost + off, chunk, cudaMemcpyHostToDevice, h2d));
-    CHECK(cudaStreamSynchronize(d2h));
-    CHECK(cudaStreamSynchronize(h2d));
+    CUDA_OK(cudaMemcpyAsync(toHost + off, dev, chunk, cudaMemcpyDeviceToHost, d2h));
+    CUDA_OK(cudaMemcpyAsync(dev + chunk, fromHost + off, chunk, cudaMemcpyHostToDevice, h2d));
+    CUDA_OK(cudaStreamSynchronize(d2h));
+    CUDA_OK(cudaStreamSynchronize(h2d));
     moved += chunk;
     off = (off + chunk) % (working / chunk * chunk);
     if (rate > 0) std::this_thread::sleep_until(next += period);
